@@ -1,0 +1,3 @@
+from fedscalar.cli import main
+
+main()

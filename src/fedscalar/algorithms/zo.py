@@ -1,0 +1,238 @@
+"""Scalar-only zeroth-order federated learning: DeComFL and HiSo (DESIGN.md 2.2, 2.3).
+
+A round's global update is ``(seeds, gbar)``: K seeds and K x P averaged directional
+derivatives. Every party applies it with `ZOAlgorithm.apply`, the single definition of
+the update, so the server, every client after catch-up, a resumed run and an export all
+hold bit-identical weights (and, for HiSo, the same curvature vector H).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedscalar import directions
+from fedscalar.algorithms.base import Client, ClientData, Server, check_finite
+from fedscalar.messages import CatchUp, GlobalUpdate, Message, ScalarReply, TrainRequest
+from fedscalar.params import ParamSpace, Precond, Term, work_dtype
+
+
+class ProtocolError(RuntimeError):
+    """Messages arrived out of order, or do not fit the party's state."""
+
+
+@dataclass(frozen=True)
+class ZOSettings:
+    perturbations: int = 5
+    mu: float = 1e-3
+    difference: str = "forward"  # or "central"
+    hiso: bool = False
+    beta: float = 0.95
+    eps: float = 1e-8
+    curvature_update: str = "last"  # or "all" (HiSo with K > 1)
+
+
+class ZOState:
+    """What every party agrees on after round ``round``: weights, and H for HiSo."""
+
+    def __init__(self, space: ParamSpace, hiso: bool):
+        self.space = space
+        self.round = 0
+        self.curvature: list[torch.Tensor] | None = (
+            [torch.ones(p.numel(), dtype=torch.float32, device=p.device) for p in space.params]
+            if hiso
+            else None
+        )
+
+
+class ZOAlgorithm:
+    """DeComFL (``hiso=False``) or HiSo (``hiso=True``): the math shared by all parties."""
+
+    def __init__(self, settings: ZOSettings):
+        self.s = settings
+        self.name = "hiso" if settings.hiso else "decomfl"
+
+    def precond(self, state: ZOState) -> Precond | None:
+        """HiSo's direction scaling ``z / sqrt(H + eps)``, chunk by chunk; None for DeComFL."""
+        if state.curvature is None:
+            return None
+        h, eps = state.curvature, self.s.eps
+
+        def divide(index: int, start: int, stop: int, comb: torch.Tensor) -> None:
+            comb.div_(torch.sqrt(h[index][start:stop] + eps).to(comb.dtype))
+
+        return divide
+
+    def apply(self, state: ZOState, update: GlobalUpdate) -> None:
+        """``x <- x - lr * D_k`` for each local step k, ``D_k = (1/P) sum_p gbar_kp zhat_kp``.
+
+        HiSo also updates ``H <- beta H + (1 - beta) D^2`` from the frozen round-start H
+        (from the last local step, or sequentially from each with ``curvature_update="all"``).
+        """
+        if update.round != state.round + 1:
+            raise ProtocolError(f"update for round {update.round} applied at round {state.round}")
+        k_steps, p_count = update.scalars.shape
+        step_terms = [
+            [(update.seeds[k], p, float(update.scalars[k, p]) / p_count) for p in range(p_count)]
+            for k in range(k_steps)
+        ]
+        beta = self.s.beta
+        with torch.no_grad():
+            for i, param in enumerate(state.space.params):
+                flat = param.data.view(-1)
+                h = state.curvature[i] if state.curvature is not None else None
+                for start, stop in directions.chunks(param.numel()):
+                    denom = (
+                        torch.sqrt(h[start:stop] + self.s.eps).to(work_dtype(param))
+                        if h is not None
+                        else None
+                    )
+                    for k, terms in enumerate(step_terms):
+                        d = directions.combination(
+                            terms, i, start, stop, device=param.device, dtype=work_dtype(param)
+                        )
+                        if denom is not None:
+                            d.div_(denom)
+                        flat[start:stop].add_(d.to(param.dtype), alpha=-update.lr)
+                        if h is not None and (self.s.curvature_update == "all" or k == k_steps - 1):
+                            h[start:stop].mul_(beta).add_((d * d).to(h.dtype), alpha=1 - beta)
+        state.round = update.round
+
+    @torch.no_grad()
+    def measure(
+        self, state: ZOState, data: ClientData, batch, seed: int, local: list[Term]
+    ) -> tuple[float, np.ndarray]:
+        """Loss at the (locally updated) point and the P directional derivatives there."""
+        space, mu, precond = state.space, self.s.mu, self.precond(state)
+
+        def loss_at(extra: list[Term]) -> float:
+            with space.perturbed(local + extra, precond):
+                return float(data.loss(space.model, batch))
+
+        g = np.empty(self.s.perturbations, dtype=np.float64)
+        if self.s.difference == "forward":
+            f0 = loss_at([])
+            for p in range(self.s.perturbations):
+                g[p] = (loss_at([(seed, p, mu)]) - f0) / mu
+            return f0, g
+        plus_minus = []
+        for p in range(self.s.perturbations):
+            fp, fm = loss_at([(seed, p, mu)]), loss_at([(seed, p, -mu)])
+            g[p] = (fp - fm) / (2 * mu)
+            plus_minus.append((fp + fm) / 2)
+        return float(np.mean(plus_minus)), g
+
+    def train(self, state: ZOState, request: TrainRequest, data: ClientData) -> ScalarReply:
+        """K local ZO steps from the global point; the local progress is then discarded."""
+        if state.round != request.round - 1:
+            raise ProtocolError(
+                f"client at round {state.round} asked to train round {request.round}: "
+                "catch-up missing"
+            )
+        local: list[Term] = []
+        scalars = np.empty((len(request.seeds), self.s.perturbations), dtype=np.float32)
+        first_loss = float("nan")
+        for k, seed in enumerate(request.seeds):
+            batch = data.make_batch(request.round, k, data.client_id)
+            loss, g = self.measure(state, data, batch, seed, local)
+            if k == 0:
+                first_loss = loss
+            scalars[k] = g
+            coef = -request.lr / self.s.perturbations
+            local += [(seed, p, coef * float(scalars[k, p])) for p in range(self.s.perturbations)]
+        return ScalarReply(request.round, first_loss, scalars)
+
+
+class ZOClient(Client):
+    """A client holding a `ZOState`: catches up by replay, then measures scalars."""
+
+    def __init__(self, algo: ZOAlgorithm, state: ZOState):
+        self.algo, self.state = algo, state
+
+    def catch_up(self, msg: CatchUp) -> None:
+        """Replay the missed global updates (those already applied are skipped)."""
+        for update in msg.updates:
+            if update.round > self.state.round:  # a shared state may be ahead already
+                self.algo.apply(self.state, update)
+
+    def handle(self, messages: list[Message], data: ClientData) -> Message:
+        reply: Message | None = None
+        for msg in messages:
+            if isinstance(msg, CatchUp):
+                self.catch_up(msg)
+            elif isinstance(msg, TrainRequest):
+                reply = self.algo.train(self.state, msg, data)
+            else:
+                raise ProtocolError(f"unexpected {type(msg).__name__} for a ZO client")
+        if reply is None:
+            raise ProtocolError("no TrainRequest in the round's messages")
+        return reply
+
+
+class ZOServer(Server):
+    """Aggregates scalars, applies the update, and serves catch-up from the ledger."""
+
+    def __init__(self, algo: ZOAlgorithm, state: ZOState, history: list[GlobalUpdate]):
+        self.algo, self.state, self.space = algo, state, state.space
+        self.history = history  # rounds 1..n, shared with the ledger
+        self.synced: dict[int, int] = {}  # client id -> rounds applied on that client
+
+    @property
+    def round(self) -> int:
+        return self.state.round
+
+    def mark_synced(self, client_id: int, rounds: int) -> None:
+        self.synced[client_id] = rounds
+
+    def messages_for(self, client_id, rnd, lr, seeds) -> list[Message]:
+        have = self.synced.get(client_id, 0)
+        msgs: list[Message] = []
+        if have < rnd - 1:
+            msgs.append(CatchUp(tuple(self.history[have : rnd - 1])))
+        msgs.append(TrainRequest(rnd, lr, tuple(seeds)))
+        return msgs
+
+    def aggregate(self, rnd, lr, seeds, replies):
+        shape = (len(seeds), self.algo.s.perturbations)
+        rows, losses = [], []
+        for cid, reply in replies.items():
+            if not isinstance(reply, ScalarReply) or reply.round != rnd:
+                raise ProtocolError(f"client {cid}: expected scalars for round {rnd}")
+            if reply.scalars.shape != shape:
+                raise ProtocolError(f"client {cid}: scalars of shape {reply.scalars.shape}")
+            rows.append(reply.scalars.astype(np.float64))
+            losses.append(reply.loss)
+        check_finite("the client loss", rnd, *losses)
+        check_finite("a client scalar", rnd, *np.concatenate([r.ravel() for r in rows]))
+        gbar = np.mean(rows, axis=0).astype(np.float32)
+        update = GlobalUpdate(rnd, float(np.float32(lr)), tuple(seeds), gbar)
+        self.apply(update)
+        for cid in replies:
+            self.synced[cid] = rnd - 1  # the client discarded its local progress
+        check_finite(
+            "the updated weights", rnd, *(float(p.detach().sum()) for p in self.space.params)
+        )
+        return update, float(np.mean(losses))
+
+    def apply(self, update: GlobalUpdate) -> None:
+        self.algo.apply(self.state, update)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        out = self.space.state()
+        if self.state.curvature is not None:
+            out.update(
+                {
+                    f"curvature::{n}": h
+                    for n, h in zip(self.space.names, self.state.curvature, strict=True)
+                }
+            )
+        return out
+
+    def load_state_tensors(self, tensors, rnd) -> None:
+        self.space.load_state_(tensors)
+        if self.state.curvature is not None:
+            for n, h in zip(self.space.names, self.state.curvature, strict=True):
+                h.copy_(tensors[f"curvature::{n}"])
+        self.state.round = rnd

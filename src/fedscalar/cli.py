@@ -1,0 +1,125 @@
+"""The ``fedscalar`` command line: ``run`` and ``export``.
+
+Every ``run`` option can also come from a TOML file (``--config``); flags override the
+file. Configuration problems print one line and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fedscalar.config import ConfigError, RunConfig, build_config
+from fedscalar.ledger import LedgerError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=False,
+    pretty_exceptions_enable=False,
+    help="Federated training where clients and server exchange seeds and scalars.",
+)
+
+
+def _help(field: str) -> str:
+    info = RunConfig.model_fields[field]
+    default = info.default
+    shown = "" if default is None else f" [default: {default}]"
+    return f"{info.description}{shown}"
+
+
+def _opt(field: str, flag: str | None = None):
+    flag = flag or "--" + field.replace("_", "-")
+    return typer.Option(flag, help=_help(field), show_default=False)
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+@app.command()
+def run(
+    config: Annotated[
+        Path | None, typer.Option("--config", help="TOML file with run options.")
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
+    algorithm: Annotated[str | None, _opt("algorithm")] = None,
+    task: Annotated[str | None, _opt("task")] = None,
+    model: Annotated[str | None, _opt("model")] = None,
+    clients: Annotated[int | None, _opt("clients")] = None,
+    sampled: Annotated[int | None, _opt("sampled")] = None,
+    rounds: Annotated[int | None, _opt("rounds")] = None,
+    local_steps: Annotated[int | None, _opt("local_steps")] = None,
+    perturbations: Annotated[int | None, _opt("perturbations")] = None,
+    lr: Annotated[float | None, _opt("lr")] = None,
+    mu: Annotated[float | None, _opt("mu")] = None,
+    difference: Annotated[str | None, _opt("difference")] = None,
+    batch_size: Annotated[int | None, _opt("batch_size")] = None,
+    partition: Annotated[str | None, _opt("partition")] = None,
+    alpha: Annotated[float | None, _opt("alpha")] = None,
+    seed: Annotated[int | None, _opt("seed")] = None,
+    eval_every: Annotated[int | None, _opt("eval_every")] = None,
+    hiso_beta: Annotated[float | None, _opt("hiso_beta")] = None,
+    hiso_eps: Annotated[float | None, _opt("hiso_eps")] = None,
+    hiso_curvature_update: Annotated[str | None, _opt("hiso_curvature_update")] = None,
+    out: Annotated[str | None, _opt("out")] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+) -> None:
+    """Train. With no options, runs the demo: DeComFL on digits with 10 clients."""
+    from fedscalar.runner import RunFailed
+    from fedscalar.runner import run as run_training
+
+    flags = {k: v for k, v in locals().items() if k in RunConfig.model_fields and v is not None}
+    try:
+        if resume:
+            if config is not None:
+                raise ConfigError("config: --resume reads the run's own config.toml; drop --config")
+            result = run_training(resume=True, resume_overrides=flags, progress=not quiet)
+        else:
+            cfg = build_config(config, **flags)
+            result = run_training(cfg, progress=not quiet)
+    except (ConfigError, LedgerError) as e:
+        raise _fail(str(e)) from None
+    except RunFailed as e:
+        raise _fail(str(e), code=1) from None
+    s = result.summary
+    acc = f"{s['final_test_accuracy']:.4f} (best {s['best_test_accuracy']:.4f})"
+    traffic = (
+        f"{s['bytes_up_per_client_round']:.1f} B up / "
+        f"{s['bytes_down_per_client_round']:.1f} B down per client per round"
+    )
+    typer.echo(
+        f"{s['algorithm']} on {s['task']}: {s['rounds']} rounds, test accuracy {acc}, "
+        f"{traffic}, {s['wall_seconds']:.1f} s -> {result.out}"
+    )
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder (the --out of `fedscalar run`).")],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Safetensors file to write.")
+    ] = Path("model.safetensors"),
+) -> None:
+    """Rebuild the trained weights from the base model and the ledger."""
+    from fedscalar.export import export as export_weights
+
+    try:
+        rounds = export_weights(run_dir, output)
+    except (ConfigError, LedgerError, FileNotFoundError) as e:
+        raise _fail(str(e)) from None
+    typer.echo(f"wrote {output} (weights after round {rounds})")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

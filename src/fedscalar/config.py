@@ -1,0 +1,117 @@
+"""Run configuration: one validated model, read from TOML and command-line flags.
+
+Precedence: built-in defaults < ``--config`` TOML file < flags. The resolved config is
+written to ``config.toml`` in the run folder and is what ``--resume`` reads back.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+ALGORITHMS = ("decomfl", "hiso", "fedavg")
+ZO_ALGORITHMS = ("decomfl", "hiso")
+TASKS = ("digits", "mnist")
+
+DEFAULT_LR = {"decomfl": 2e-3, "hiso": 2e-3, "fedavg": 0.1}
+"""Per-algorithm learning rates used when ``lr`` is not given (tuned on digits)."""
+
+RESUMABLE_CHANGES = frozenset({"rounds", "lr", "eval_every", "out"})
+"""Fields a resumed run may change; anything else would make it a different run."""
+
+
+class ConfigError(ValueError):
+    """A configuration problem, phrased for the user in one line."""
+
+
+class RunConfig(BaseModel):
+    """Everything that defines a run. Field names are the CLI option names."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    algorithm: Literal["decomfl", "hiso", "fedavg"] = Field(
+        "decomfl", description="Training algorithm."
+    )
+    task: Literal["digits", "mnist"] = Field("digits", description="Built-in task.")
+    model: str | None = Field(None, description="Model name; default: the task's default model.")
+    clients: int = Field(10, ge=1, description="Number of clients the data is split over.")
+    sampled: int = Field(5, ge=1, description="Clients sampled per round.")
+    rounds: int = Field(300, ge=1, description="Total number of rounds.")
+    local_steps: int = Field(1, ge=1, le=255, description="Local steps K per round.")
+    perturbations: int = Field(5, ge=1, le=255, description="Perturbations P per ZO step.")
+    lr: float | None = Field(
+        None,
+        gt=0,
+        description="Learning rate; default per algorithm: "
+        + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items())
+        + ".",
+    )
+    mu: float = Field(1e-3, gt=0, description="ZO smoothing radius.")
+    difference: Literal["forward", "central"] = Field(
+        "forward", description="Finite difference: forward (P+1 forwards) or central (2P)."
+    )
+    batch_size: int = Field(32, ge=1, description="Minibatch size per local step.")
+    partition: Literal["iid", "dirichlet"] = Field("iid", description="Label partition.")
+    alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (partition=dirichlet).")
+    seed: int = Field(0, ge=0, lt=2**32, description="Run seed: data split, sampling, seeds.")
+    eval_every: int = Field(25, ge=1, description="Evaluate on the test set every N rounds.")
+    hiso_beta: float = Field(0.95, gt=0, lt=1, description="HiSo curvature EMA factor.")
+    hiso_eps: float = Field(1e-8, gt=0, description="HiSo: directions use 1/sqrt(H + eps).")
+    hiso_curvature_update: Literal["last", "all"] = Field(
+        "last", description="HiSo with K>1: update H from the last local step or all of them."
+    )
+    out: str | None = Field(None, description="Run folder; default: a new folder under runs/.")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        if self.sampled > self.clients:
+            raise ValueError(
+                f"sampled: {self.sampled} clients per round but only {self.clients} clients"
+            )
+        return self
+
+    @property
+    def effective_lr(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.algorithm]
+
+    def resolved(self) -> RunConfig:
+        """A copy with defaults that depend on other fields filled in."""
+        return self.model_copy(update={"lr": self.effective_lr})
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.model_dump(exclude_none=True))
+
+
+def _format(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(x) for x in first["loc"]) or "config"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        return f"unknown option '{loc}'"
+    value = first.get("input")
+    shown = f" (got {value!r})" if loc != "config" and not isinstance(value, dict) else ""
+    return msg if loc == "config" else f"{loc}: {msg}{shown}"
+
+
+def read_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config: file not found: {path}")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config: {path} is not valid TOML: {e}") from e
+
+
+def build_config(file: str | Path | None = None, **overrides: Any) -> RunConfig:
+    """Defaults, then the TOML ``file``, then the ``overrides`` that are not None."""
+    values: dict[str, Any] = read_toml(file) if file is not None else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return RunConfig(**values)
+    except ValidationError as e:
+        raise ConfigError(_format(e)) from None

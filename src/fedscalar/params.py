@@ -1,0 +1,157 @@
+"""The trainable parameters of a model, seen as one vector that directions act on.
+
+`ParamSpace` applies seeded direction combinations to the weights in place (global
+updates: every party runs the same code on the same values and gets the same bits) and
+evaluates the model at ``x + precond * sum_t c_t z_t`` *without touching the stored
+weights*: forward pre-hooks materialise each module's perturbed parameters just before
+the module runs and drop them right after. Peak memory is inference memory plus one
+layer's parameters, and the weights are restored exactly because they are never
+changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+from fedscalar import directions
+
+Term = tuple[int, int, float]
+"""(seed, perturbation index, coefficient) of one direction in a combination."""
+
+Precond = Callable[[int, int, int, torch.Tensor], None]
+"""``precond(param_index, start, stop, comb)`` rescales a chunk of a combination in place
+(HiSo divides by ``sqrt(H + eps)``), chunk by chunk so no model-sized copy is made."""
+
+
+def work_dtype(p: torch.Tensor) -> torch.dtype:
+    """Arithmetic precision for a parameter: at least float32 (bf16/fp16 are upcast)."""
+    return torch.promote_types(p.dtype, torch.float32)
+
+
+class ParamSpace:
+    """Ordered view of a model's trainable parameters (``requires_grad=True``)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        if not named:
+            raise ValueError("the model has no trainable parameters")
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self._index = {id(p): i for i, p in enumerate(self.params)}
+        self.numel = sum(p.numel() for p in self.params)
+
+    def fingerprint(self) -> str:
+        """Hash of names, shapes and dtypes: ledgers refuse to replay onto another layout."""
+        h = hashlib.sha256()
+        for n, p in zip(self.names, self.params, strict=True):
+            h.update(f"{n}:{tuple(p.shape)}:{p.dtype};".encode())
+        return h.hexdigest()[:16]
+
+    # -- whole-vector helpers ---------------------------------------------------------
+    def flat(self) -> torch.Tensor:
+        """A float32 copy of all trainable weights as one vector (for small models/tests)."""
+        return torch.cat([p.detach().reshape(-1).float() for p in self.params])
+
+    def load_flat_(self, vec: torch.Tensor) -> None:
+        if vec.numel() != self.numel:
+            raise ValueError(f"expected {self.numel} values, got {vec.numel()}")
+        offset = 0
+        with torch.no_grad():
+            for p in self.params:
+                p.copy_(vec[offset : offset + p.numel()].view_as(p))
+                offset += p.numel()
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in zip(self.names, self.params, strict=True)}
+
+    def load_state_(self, tensors: dict[str, torch.Tensor]) -> None:
+        missing = [n for n in self.names if n not in tensors]
+        if missing:
+            raise ValueError(f"state lacks parameters: {missing[:3]}...")
+        with torch.no_grad():
+            for n, p in zip(self.names, self.params, strict=True):
+                p.copy_(tensors[n])
+
+    # -- seeded directions ------------------------------------------------------------
+    def direction_chunks(
+        self, terms: list[Term], index: int
+    ) -> Iterator[tuple[int, int, torch.Tensor]]:
+        """Yield ``(start, stop, sum_t c_t z_t)`` chunks of parameter ``index``."""
+        p = self.params[index]
+        for start, stop in directions.chunks(p.numel()):
+            yield (
+                start,
+                stop,
+                directions.combination(
+                    terms, index, start, stop, device=p.device, dtype=work_dtype(p)
+                ),
+            )
+
+    def materialize(
+        self, index: int, terms: list[Term], precond: Precond | None = None
+    ) -> torch.Tensor:
+        """A new tensor ``w + precond(sum_t c_t z_t)`` for parameter ``index``."""
+        p = self.params[index]
+        out = p.detach().reshape(-1).to(work_dtype(p), copy=True)
+        for start, stop, comb in self.direction_chunks(terms, index):
+            if precond is not None:
+                precond(index, start, stop, comb)
+            out[start:stop].add_(comb)
+        return out.to(p.dtype).view_as(p)
+
+    @contextmanager
+    def perturbed(self, terms: list[Term], precond: Precond | None = None):
+        """Within the block, forward passes see ``x + precond(sum_t c_t z_t)``.
+
+        The stored weights are untouched. Raises if a trainable parameter was not
+        reached by a module hook during a forward pass (it would silently stay
+        unperturbed).
+        """
+        if not terms:
+            yield
+            return
+        owners: dict[nn.Module, list[tuple[str, int]]] = {}
+        for module in self.model.modules():
+            for name, p in module.named_parameters(recurse=False):
+                if id(p) in self._index:
+                    owners.setdefault(module, []).append((name, self._index[id(p)]))
+        seen: set[int] = set()
+        ran: list[bool] = []
+        saved: dict[nn.Module, list[tuple[nn.Parameter, torch.Tensor]]] = {}
+
+        def pre_hook(module, _args):
+            swaps = []
+            for name, i in owners[module]:
+                param = getattr(module, name)
+                swaps.append((param, param.data))
+                param.data = self.materialize(i, terms, precond)
+                seen.add(i)
+            saved[module] = swaps
+
+        def post_hook(module, _args, _out):
+            for param, original in saved.pop(module, []):
+                param.data = original
+
+        handles = [self.model.register_forward_hook(lambda *_: ran.append(True))]
+        for module in owners:
+            handles.append(module.register_forward_pre_hook(pre_hook))
+            handles.append(module.register_forward_hook(post_hook))
+        try:
+            yield seen
+        finally:
+            for h in handles:
+                h.remove()
+            for swaps in saved.values():  # a forward that raised midway
+                for param, original in swaps:
+                    param.data = original
+        if ran and len(seen) != len(self.params):
+            missed = [self.names[i] for i in range(len(self.params)) if i not in seen]
+            raise RuntimeError(
+                f"parameters used outside their module's forward cannot be perturbed: {missed}"
+            )

@@ -1,0 +1,334 @@
+"""One training run: set up (or resume) a run folder, loop over rounds, record everything.
+
+The loop is the same whatever the runtime: sample clients and seeds, let the runtime
+exchange messages, aggregate, append to the ledger, evaluate, checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from fedscalar import directions, schedule
+from fedscalar.algorithms import REPLAYABLE, ClientData, Diverged, make_client, make_server
+from fedscalar.config import RESUMABLE_CHANGES, ConfigError, RunConfig, build_config
+from fedscalar.ledger import Ledger, LedgerError
+from fedscalar.params import ParamSpace
+from fedscalar.rundir import RunDir
+from fedscalar.runtime.local import LocalRuntime
+from fedscalar.tasks import build_task
+from fedscalar.tasks.partition import partition
+
+log = logging.getLogger("fedscalar")
+
+
+class RunFailed(RuntimeError):
+    """The run stopped early; its folder holds everything up to the last good round."""
+
+
+@dataclass
+class RunResult:
+    out: Path
+    summary: dict[str, Any]
+
+
+def _default_out(cfg: RunConfig) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{cfg.algorithm}-{cfg.task}-{stamp}"
+
+
+def ledger_header(cfg: RunConfig, space: ParamSpace) -> dict[str, Any]:
+    return {
+        "algorithm": cfg.algorithm,
+        "task": cfg.task,
+        "model": cfg.model,
+        "generator": directions.GENERATOR_ID,
+        "fingerprint": space.fingerprint(),
+        "num_parameters": space.numel,
+        "local_steps": cfg.local_steps,
+        "perturbations": cfg.perturbations,
+        "hiso": {"beta": cfg.hiso_beta, "eps": cfg.hiso_eps, "update": cfg.hiso_curvature_update}
+        if cfg.algorithm == "hiso"
+        else None,
+    }
+
+
+def _resume_config(rd: RunDir, overrides: dict[str, Any]) -> RunConfig:
+    if not rd.exists():
+        raise ConfigError(f"out: no run to resume in {rd.path} (config.toml missing)")
+    stored = build_config(rd.config)
+    changed = {
+        k for k, v in overrides.items() if v is not None and getattr(stored, k) != v
+    } - RESUMABLE_CHANGES
+    if changed:
+        raise ConfigError(
+            f"{sorted(changed)[0]}: cannot change on --resume (only {sorted(RESUMABLE_CHANGES)})"
+        )
+    return build_config(rd.config, **overrides)
+
+
+def _setup_logging(rd: RunDir) -> logging.Handler:
+    handler = logging.FileHandler(rd.log)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    return handler
+
+
+def run(
+    cfg: RunConfig | None = None,
+    *,
+    resume: bool = False,
+    resume_overrides: dict[str, Any] | None = None,
+    progress: bool = False,
+) -> RunResult:
+    """Run (or resume) training as configured and return the summary.
+
+    With ``resume=True``, ``resume_overrides["out"]`` names the run folder and the other
+    overrides may change ``rounds``, ``lr`` and ``eval_every`` only.
+    """
+    if resume:
+        overrides = dict(resume_overrides or {})
+        if overrides.get("out") is None:
+            raise ConfigError("out: --resume needs --out naming the run folder")
+        rd = RunDir(overrides["out"])
+        cfg = _resume_config(rd, overrides)
+    else:
+        cfg = cfg or RunConfig()
+        rd = RunDir(cfg.out or _default_out(cfg))
+        if rd.exists():
+            raise ConfigError(f"out: {rd.path} already holds a run; use --resume or another --out")
+        cfg = cfg.model_copy(update={"out": str(rd.path)})
+    cfg = cfg.resolved()
+    rd.path.mkdir(parents=True, exist_ok=True)
+    handler = _setup_logging(rd)
+    try:
+        return _Run(cfg, rd, resume, progress).execute()
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+class _Run:
+    def __init__(self, cfg: RunConfig, rd: RunDir, resume: bool, progress: bool):
+        self.cfg, self.rd, self.progress = cfg, rd, progress
+        try:
+            self.task = build_task(cfg.task, cfg.model)
+            parts = partition(
+                self.task.train_labels,
+                cfg.clients,
+                cfg.partition,
+                cfg.alpha,
+                schedule.partition_seed(cfg.seed),
+            )
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        self.parts = parts
+        model = self.task.build_model(cfg.seed)
+        self.space = ParamSpace(model)
+        if resume:
+            self.ledger = Ledger.open(rd.ledger)
+            if self.ledger.header["fingerprint"] != self.space.fingerprint():
+                raise LedgerError(f"{rd.ledger} was written for a different model layout")
+            base, _ = RunDir.load_tensors(rd.base)
+            self.space.load_state_(base)
+        else:
+            rd.write_atomic(rd.config, cfg.to_toml())
+            RunDir.save_tensors(rd.base, self.space.state(), {"format": "fedscalar-base"})
+            self.ledger = Ledger.create(rd.ledger, ledger_header(cfg, self.space))
+        self.server = make_server(cfg, self.space, self.ledger.updates)
+        self.client = make_client(cfg, self.space, self.server)
+        self.runtime = LocalRuntime(self.server, self.client, self._client_data)
+        self.resume = resume
+
+    def _client_data(self, cid: int) -> ClientData:
+        idx, cfg, task = self.parts[cid], self.cfg, self.task
+
+        def make_batch(rnd: int, step: int, client: int):
+            pos = schedule.batch_positions(cfg.seed, rnd, client, step, cfg.batch_size, len(idx))
+            return task.batch(idx[pos])
+
+        return ClientData(cid, idx, cfg.batch_size, make_batch, task.loss)
+
+    # -- restoring state ------------------------------------------------------------------
+    def _restore(self) -> int:
+        """Bring the server to the last round the run folder vouches for; return it."""
+        rd, cfg = self.rd, self.cfg
+        start = 0
+        if rd.checkpoint.exists():
+            tensors, meta = RunDir.load_tensors(rd.checkpoint)
+            ck_round = int(meta["round"])
+            if ck_round <= len(self.ledger):
+                self.server.load_state_tensors(tensors, ck_round)
+                start = ck_round
+        if cfg.algorithm in REPLAYABLE:
+            for update in self.ledger.updates[start:]:
+                self.server.apply(update)
+            start = len(self.ledger)
+        else:
+            self.ledger.truncate(start)
+        for rnd in range(1, start + 1):
+            for cid in schedule.sample_clients(cfg.seed, rnd, cfg.clients, cfg.sampled):
+                if hasattr(self.server, "mark_synced"):
+                    self.server.mark_synced(cid, rnd - 1)
+        return start
+
+    def _checkpoint(self, rnd: int) -> None:
+        RunDir.save_tensors(self.rd.checkpoint, self.server.state_tensors(), {"round": str(rnd)})
+
+    # -- the loop -------------------------------------------------------------------------
+    def execute(self) -> RunResult:
+        cfg, rd = self.cfg, self.rd
+        if self.resume:
+            start = self._restore()
+            history = rd.truncate_metrics(start)
+            log.info("resumed at round %d (target %d, lr %g)", start, cfg.rounds, cfg.lr)
+        else:
+            start, history = 0, []
+            log.info("started %s on %s: %d parameters", cfg.algorithm, cfg.task, self.space.numel)
+        if not history:
+            record = {
+                "round": 0,
+                "bytes_up": 0,
+                "bytes_down": 0,
+                "bytes_up_cumulative": 0,
+                "bytes_down_cumulative": 0,
+                "wall_seconds": 0.0,
+            }
+            record.update(self.task.evaluate(self.space.model))
+            rd.append_metrics(record)
+            history = [record]
+        last = history[-1]
+        up_total, down_total = last["bytes_up_cumulative"], last["bytes_down_cumulative"]
+        wall0 = last["wall_seconds"]
+        t0 = time.perf_counter()
+        status, error = "completed", None
+        bar = _progress(self.progress, cfg.rounds, start)
+        try:
+            with bar or nullcontext():
+                task_id = (
+                    bar.add_task(
+                        "rounds", total=cfg.rounds, completed=start, loss=float("nan"), acc="-"
+                    )
+                    if bar
+                    else None
+                )
+                for rnd in range(start + 1, cfg.rounds + 1):
+                    t_round = time.perf_counter()
+                    clients = schedule.sample_clients(cfg.seed, rnd, cfg.clients, cfg.sampled)
+                    seeds = schedule.round_seeds(cfg.seed, rnd, cfg.local_steps)
+                    traffic = self.runtime.run_round(rnd, cfg.lr, seeds, clients)
+                    update, train_loss = self.server.aggregate(rnd, cfg.lr, seeds, traffic.replies)
+                    self.ledger.append(update)
+                    up_total += traffic.bytes_up
+                    down_total += traffic.bytes_down
+                    record = {
+                        "round": rnd,
+                        "train_loss": train_loss,
+                        "bytes_up": traffic.bytes_up,
+                        "bytes_down": traffic.bytes_down,
+                        "bytes_up_cumulative": up_total,
+                        "bytes_down_cumulative": down_total,
+                        "round_seconds": time.perf_counter() - t_round,
+                    }
+                    if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
+                        record.update(self.task.evaluate(self.space.model))
+                        self._checkpoint(rnd)
+                    record["wall_seconds"] = wall0 + time.perf_counter() - t0
+                    rd.append_metrics(record)
+                    history.append(record)
+                    if bar is not None:
+                        acc = next(
+                            (h["test_accuracy"] for h in reversed(history) if "test_accuracy" in h),
+                            None,
+                        )
+                        bar.update(
+                            task_id,
+                            completed=rnd,
+                            loss=train_loss,
+                            acc=f"{acc:.3f}" if acc is not None else "-",
+                        )
+        except Diverged as e:
+            status, error = "diverged", str(e)
+        except KeyboardInterrupt:
+            status, error = "interrupted", "interrupted by the user"
+        summary = self._summary(history, status)
+        rd.write_summary(summary)
+        _plot(rd, history, cfg)
+        if error is not None:
+            done = history[-1]["round"]
+            log.error("%s; stopped after round %d", error, done)
+            hint = " with a smaller --lr" if status == "diverged" else ""
+            raise RunFailed(
+                f"{error}. The run stopped after round {done}; ledger and metrics are intact. "
+                f"Continue{hint}: fedscalar run --resume --out {rd.path}"
+            )
+        log.info("finished round %d", cfg.rounds)
+        return RunResult(rd.path, summary)
+
+    def _summary(self, history: list[dict[str, Any]], status: str) -> dict[str, Any]:
+        cfg = self.cfg
+        rounds = history[-1]["round"]
+        evals = [h["test_accuracy"] for h in history if "test_accuracy" in h]
+        last = history[-1]
+        contacts = max(1, rounds * cfg.sampled)
+        trained = [h for h in history if h["round"] > 0]
+        return {
+            "status": status,
+            "algorithm": cfg.algorithm,
+            "task": cfg.task,
+            "model": self.task.model_name,
+            "rounds": rounds,
+            "num_parameters": self.space.numel,
+            "final_test_accuracy": evals[-1] if evals else None,
+            "best_test_accuracy": max(evals) if evals else None,
+            "final_test_loss": next(
+                (h["test_loss"] for h in reversed(history) if "test_loss" in h), None
+            ),
+            "bytes_up_total": last["bytes_up_cumulative"],
+            "bytes_down_total": last["bytes_down_cumulative"],
+            "bytes_up_per_client_round": last["bytes_up_cumulative"] / contacts,
+            "bytes_down_per_client_round": last["bytes_down_cumulative"] / contacts,
+            "ledger_bytes_per_round": self.ledger.bytes_per_round(),
+            "wall_seconds": last["wall_seconds"],
+            "seconds_per_round": sum(h["round_seconds"] for h in trained) / max(1, len(trained)),
+        }
+
+
+def _progress(enabled: bool, total: int, start: int):
+    if not enabled:
+        return None
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    return (
+        Progress(
+            TextColumn("[bold]round"),
+            MofNCompleteColumn(),
+            BarColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]}"),
+            TimeRemainingColumn(),
+            transient=False,
+        )
+        if enabled
+        else None
+    )
+
+
+def _plot(rd: RunDir, history: list[dict[str, Any]], cfg: RunConfig) -> None:
+    from fedscalar.plots import plot_curves
+
+    try:
+        plot_curves({cfg.algorithm: history}, rd.curves, title=f"{cfg.task}")
+    except Exception as e:  # a plot must never cost the run its results
+        log.warning("could not draw %s: %s", rd.curves, e)

@@ -1,0 +1,1 @@
+"""Runtimes move encoded messages between a server and its clients."""

@@ -1,0 +1,82 @@
+import numpy as np
+import pytest
+
+from fedscalar.messages import (
+    CatchUp,
+    DeltaReply,
+    GlobalUpdate,
+    MessageError,
+    ScalarReply,
+    TrainRequest,
+    WeightsMessage,
+    decode,
+    encode,
+)
+
+
+def _update(rnd, k=1, p=5):
+    rng = np.random.default_rng(rnd)
+    return GlobalUpdate(
+        rnd,
+        1e-3,
+        tuple(int(s) for s in rng.integers(0, 2**32, k)),
+        rng.standard_normal((k, p)).astype(np.float32),
+    )
+
+
+def _same(a, b):
+    assert type(a) is type(b)
+    for field in a.__dataclass_fields__:
+        x, y = getattr(a, field), getattr(b, field)
+        if isinstance(x, np.ndarray):
+            np.testing.assert_array_equal(x, y)
+        elif isinstance(x, tuple) and x and isinstance(x[0], GlobalUpdate):
+            for u, v in zip(x, y, strict=True):
+                _same(u, v)
+        elif isinstance(x, float):
+            assert np.float32(x) == np.float32(y)
+        else:
+            assert x == y
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        TrainRequest(7, 0.01, (123, 2**32 - 1)),
+        ScalarReply(3, 2.5, np.arange(10, dtype=np.float32).reshape(2, 5)),
+        _update(4, k=3, p=2),
+        CatchUp((_update(2), _update(3), _update(4))),
+        WeightsMessage(1, 0.1, np.linspace(-1, 1, 33, dtype=np.float32)),
+        DeltaReply(1, 0.7, np.ones(5, np.float32)),
+    ],
+)
+def test_round_trip(msg):
+    _same(decode(encode(msg)), msg)
+
+
+def test_scalar_only_sizes_for_k1_p5():
+    """DeComFL/HiSo with K=1, P=5: <= 16 B down (plus catch-up) and <= 32 B up."""
+    assert len(encode(TrainRequest(1, 1e-3, (42,)))) == 14
+    assert len(encode(ScalarReply(1, 0.5, np.zeros((1, 5), np.float32)))) == 31
+    assert len(encode(CatchUp((_update(1), _update(2))))) == 11 + 2 * 28
+    assert len(encode(_update(1))) == 35
+
+
+@pytest.mark.parametrize(
+    "data,match",
+    [
+        (b"", "empty"),
+        (b"\x63", "unknown message tag"),
+        (encode(TrainRequest(1, 0.1, (1, 2)))[:-1], "truncated"),
+        (encode(TrainRequest(1, 0.1, (1,))) + b"\x00", "trailing"),
+        (encode(CatchUp((_update(1),)))[:-4], "catch-up of 1 rounds needs"),
+    ],
+)
+def test_malformed_input_is_rejected(data, match):
+    with pytest.raises(MessageError, match=match):
+        decode(data)
+
+
+def test_catch_up_must_be_consecutive():
+    with pytest.raises(MessageError, match="consecutive"):
+        encode(CatchUp((_update(1), _update(3))))
