@@ -26,7 +26,7 @@ app = typer.Typer(
 def _help(field: str) -> str:
     info = RunConfig.model_fields[field]
     default = info.default
-    shown = "" if default is None else f" [default: {default}]"
+    shown = "" if default is None else f" (default: {default})"
     return f"{info.description}{shown}"
 
 

@@ -17,8 +17,16 @@ ALGORITHMS = ("decomfl", "hiso", "fedavg")
 ZO_ALGORITHMS = ("decomfl", "hiso")
 TASKS = ("digits", "mnist")
 
-DEFAULT_LR = {"decomfl": 2e-3, "hiso": 2e-3, "fedavg": 0.1}
-"""Per-algorithm learning rates used when ``lr`` is not given (tuned on digits)."""
+DEFAULT_LR = {
+    ("decomfl", "digits"): 0.03,
+    ("hiso", "digits"): 0.02,
+    ("fedavg", "digits"): 0.3,
+    ("decomfl", "mnist"): 0.01,
+    ("hiso", "mnist"): 3.3e-3,
+    ("fedavg", "mnist"): 0.3,
+}
+"""Learning rates used when ``lr`` is not given: the best of a sweep with the task's
+default model (see docs/benchmarks.md for the sweep)."""
 
 RESUMABLE_CHANGES = frozenset({"rounds", "lr", "eval_every", "out"})
 """Fields a resumed run may change; anything else would make it a different run."""
@@ -34,20 +42,25 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     algorithm: Literal["decomfl", "hiso", "fedavg"] = Field(
-        "decomfl", description="Training algorithm."
+        "decomfl", description="Training algorithm: decomfl, hiso or fedavg."
     )
-    task: Literal["digits", "mnist"] = Field("digits", description="Built-in task.")
-    model: str | None = Field(None, description="Model name; default: the task's default model.")
+    task: Literal["digits", "mnist"] = Field(
+        "digits", description="Built-in task: digits or mnist."
+    )
+    model: str | None = Field(
+        None,
+        description="Model: linear, mlp, mlp16, mlp64, mlp128 or cnn; default: the task's default.",
+    )
     clients: int = Field(10, ge=1, description="Number of clients the data is split over.")
     sampled: int = Field(5, ge=1, description="Clients sampled per round.")
-    rounds: int = Field(300, ge=1, description="Total number of rounds.")
+    rounds: int = Field(600, ge=1, description="Total number of rounds.")
     local_steps: int = Field(1, ge=1, le=255, description="Local steps K per round.")
     perturbations: int = Field(5, ge=1, le=255, description="Perturbations P per ZO step.")
     lr: float | None = Field(
         None,
         gt=0,
-        description="Learning rate; default per algorithm: "
-        + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_LR.items())
+        description="Learning rate; default per algorithm and task: "
+        + ", ".join(f"{a}/{t} {v:g}" for (a, t), v in DEFAULT_LR.items())
         + ".",
     )
     mu: float = Field(1e-3, gt=0, description="ZO smoothing radius.")
@@ -55,7 +68,9 @@ class RunConfig(BaseModel):
         "forward", description="Finite difference: forward (P+1 forwards) or central (2P)."
     )
     batch_size: int = Field(32, ge=1, description="Minibatch size per local step.")
-    partition: Literal["iid", "dirichlet"] = Field("iid", description="Label partition.")
+    partition: Literal["iid", "dirichlet"] = Field(
+        "iid", description="How examples are split over clients: iid or dirichlet (over labels)."
+    )
     alpha: float = Field(0.5, gt=0, description="Dirichlet concentration (partition=dirichlet).")
     seed: int = Field(0, ge=0, lt=2**32, description="Run seed: data split, sampling, seeds.")
     eval_every: int = Field(25, ge=1, description="Evaluate on the test set every N rounds.")
@@ -76,7 +91,7 @@ class RunConfig(BaseModel):
 
     @property
     def effective_lr(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR[self.algorithm]
+        return self.lr if self.lr is not None else DEFAULT_LR[self.algorithm, self.task]
 
     def resolved(self) -> RunConfig:
         """A copy with defaults that depend on other fields filled in."""
