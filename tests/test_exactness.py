@@ -16,7 +16,7 @@ from fedscalar.algorithms.zo import (
     ZOSettings,
     ZOState,
 )
-from fedscalar.messages import CatchUp, TrainRequest, decode, encode
+from fedscalar.messages import CatchUp, StateMessage, TrainRequest, decode, encode
 from fedscalar.params import ParamSpace
 from fedscalar.tasks.models import MLP
 
@@ -25,25 +25,31 @@ Y = (X[:, 0] > 0).long() + (X[:, 1] > 0).long()
 
 
 def _data(cid: int) -> ClientData:
-    def make_batch(rnd, step, client):
-        idx = np.random.default_rng([rnd, step, client]).choice(200, 16, replace=False)
+    def make_batch(rnd, step):
+        idx = np.random.default_rng([rnd, step, cid]).choice(200, 16, replace=False)
         return X[idx], Y[idx]
 
-    return ClientData(
-        cid, np.arange(200), 16, make_batch, lambda m, b: F.cross_entropy(m(b[0]), b[1])
-    )
+    return ClientData(cid, make_batch, lambda m, b: F.cross_entropy(m(b[0]), b[1]))
 
 
 def _wire(msgs):
     return [decode(encode(m)) for m in msgs]
 
 
-def _run_protocol(settings: ZOSettings, rounds: int, participation: dict[int, list[int]], k: int):
+def _run_protocol(
+    settings: ZOSettings,
+    rounds: int,
+    participation: dict[int, list[int]],
+    k: int,
+    catch_up_mode: str = "replay",
+):
     torch.manual_seed(1)
     base = MLP(12, (16,), 3)
     algo = ZOAlgorithm(settings)
     history: list = []
-    server = ZOServer(algo, ZOState(ParamSpace(copy.deepcopy(base)), settings.hiso), history)
+    server = ZOServer(
+        algo, ZOState(ParamSpace(copy.deepcopy(base)), settings.hiso), history, catch_up_mode
+    )
     clients = {
         cid: ZOClient(
             ZOAlgorithm(settings), ZOState(ParamSpace(copy.deepcopy(base)), settings.hiso)
@@ -107,3 +113,21 @@ def test_client_refuses_to_train_without_catch_up():
 
     with pytest.raises(ProtocolError, match="catch-up missing"):
         clients[5].handle([TrainRequest(4, 0.05, (1,))], _data(5))
+
+
+@pytest.mark.parametrize("hiso", [False, True])
+def test_auto_catch_up_sends_the_state_when_it_is_smaller(hiso):
+    """A client 200 rounds behind gets weights (+H) instead of 200 rounds of scalars."""
+    settings = ZOSettings(perturbations=5, hiso=hiso)
+    rounds = 200
+    participation = {r: [0] for r in range(1, rounds + 1)}
+    server, clients, _ = _run_protocol(settings, rounds, participation, 1, "auto")
+    msgs = server.messages_for(5, rounds + 1, 0.05, (7,))  # client 5 never took part
+    assert isinstance(msgs[0], StateMessage)
+    replay_bytes = len(encode(CatchUp(tuple(server.history))))
+    assert len(encode(msgs[0])) < replay_bytes
+    (state,) = _wire(msgs[:1])
+    clients[5].load_state(state)
+    _assert_identical(server, clients[5])
+    # a client one round behind still gets the replay (28 bytes beat the state)
+    assert isinstance(server.messages_for(0, rounds + 1, 0.05, (7,))[0], CatchUp)

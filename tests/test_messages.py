@@ -7,10 +7,13 @@ from fedscalar.messages import (
     GlobalUpdate,
     MessageError,
     ScalarReply,
+    StateMessage,
     TrainRequest,
     WeightsMessage,
+    catch_up_size,
     decode,
     encode,
+    state_size,
 )
 
 
@@ -33,6 +36,8 @@ def _same(a, b):
         elif isinstance(x, tuple) and x and isinstance(x[0], GlobalUpdate):
             for u, v in zip(x, y, strict=True):
                 _same(u, v)
+        elif x is None:
+            assert y is None
         elif isinstance(x, float):
             assert np.float32(x) == np.float32(y)
         else:
@@ -48,6 +53,8 @@ def _same(a, b):
         CatchUp((_update(2), _update(3), _update(4))),
         WeightsMessage(1, 0.1, np.linspace(-1, 1, 33, dtype=np.float32)),
         DeltaReply(1, 0.7, np.ones(5, np.float32)),
+        StateMessage(9, np.arange(7, dtype=np.float32), None),
+        StateMessage(9, np.arange(7, dtype=np.float32), np.ones(7, np.float32)),
     ],
 )
 def test_round_trip(msg):
@@ -80,3 +87,12 @@ def test_malformed_input_is_rejected(data, match):
 def test_catch_up_must_be_consecutive():
     with pytest.raises(MessageError, match="consecutive"):
         encode(CatchUp((_update(1), _update(3))))
+
+
+def test_size_helpers_match_real_encodings():
+    for rounds in (1, 3, 17):
+        msg = CatchUp(tuple(_update(r, k=2, p=3) for r in range(1, rounds + 1)))
+        assert catch_up_size(rounds, 2, 3) == len(encode(msg))
+    for h in (None, np.ones(11, np.float32)):
+        msg = StateMessage(1, np.zeros(11, np.float32), h)
+        assert state_size(11, h is not None) == len(encode(msg))

@@ -197,3 +197,15 @@ def test_resume_refuses_to_change_the_run(tmp_path):
     run(RunConfig(rounds=2, out=str(out), **SMALL))
     result = CliRunner().invoke(app, ["run", "--resume", "--out", str(out), "--clients", "9"])
     assert result.exit_code == 2 and "clients" in result.stderr
+
+
+def test_auto_catch_up_saves_bytes_and_changes_nothing_else(tmp_path):
+    common = dict(task="digits", model="linear", clients=300, sampled=2, rounds=150, eval_every=150)
+    replay = run(RunConfig(out=str(tmp_path / "replay"), **common)).summary
+    auto = run(RunConfig(out=str(tmp_path / "auto"), catch_up="auto", **common)).summary
+    # 650 weights: the state (2,610 B) beats replaying more than 93 missed rounds
+    assert auto["bytes_down_total"] < replay["bytes_down_total"]
+    assert auto["bytes_up_total"] == replay["bytes_up_total"]
+    a, _ = _weights(tmp_path / "replay")
+    b, _ = _weights(tmp_path / "auto")
+    assert all(torch.equal(a[n], b[n]) for n in a)

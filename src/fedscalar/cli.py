@@ -65,6 +65,7 @@ def run(
     hiso_beta: Annotated[float | None, _opt("hiso_beta")] = None,
     hiso_eps: Annotated[float | None, _opt("hiso_eps")] = None,
     hiso_curvature_update: Annotated[str | None, _opt("hiso_curvature_update")] = None,
+    catch_up: Annotated[str | None, _opt("catch_up")] = None,
     out: Annotated[str | None, _opt("out")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:

@@ -79,6 +79,11 @@ class RunConfig(BaseModel):
     hiso_curvature_update: Literal["last", "all"] = Field(
         "last", description="HiSo with K>1: update H from the last local step or all of them."
     )
+    catch_up: Literal["replay", "auto"] = Field(
+        "replay",
+        description="How a client that missed rounds gets up to date: replay the missed "
+        "updates, or auto: receive the current state instead when that is fewer bytes.",
+    )
     out: str | None = Field(None, description="Run folder; default: a new folder under runs/.")
 
     @model_validator(mode="after")

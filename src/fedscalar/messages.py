@@ -12,6 +12,7 @@ Layouts (``u8``/``u32`` unsigned ints, ``f32`` IEEE floats):
 - `GlobalUpdate`   ``u8 tag, u32 round, u8 K, u8 P, f32 lr, K*u32, K*P*f32`` (35 B for K=1, P=5)
 - `CatchUp`        ``u8 tag, u32 first_round, u32 count, u8 K, u8 P`` then per round
                    ``f32 lr, K*u32 seeds, K*P*f32 scalars``                 (11 + 28/round)
+- `StateMessage`   ``u8 tag, u32 round, u32 n, u8 has_h, n*f32 weights[, n*f32 H]``
 - `WeightsMessage` ``u8 tag, u32 round, f32 lr, u32 n, n*f32``
 - `DeltaReply`     ``u8 tag, u32 round, f32 loss, u32 n, n*f32``
 """
@@ -97,7 +98,23 @@ class DeltaReply:
     values: np.ndarray  # float32, shape (n,)
 
 
-Message = TrainRequest | ScalarReply | GlobalUpdate | CatchUp | WeightsMessage | DeltaReply
+@dataclass(frozen=True)
+class StateMessage:
+    """Server -> client: the global state after ``round`` (weights, and H for HiSo).
+
+    The alternative to `CatchUp` for a client so far behind that replaying the missed
+    rounds would cost more bytes than the state itself.
+    """
+
+    TAG = 7
+    round: int
+    weights: np.ndarray  # float32, shape (n,)
+    curvature: np.ndarray | None  # float32, shape (n,), HiSo only
+
+
+Message = (
+    TrainRequest | ScalarReply | GlobalUpdate | CatchUp | WeightsMessage | DeltaReply | StateMessage
+)
 
 
 def _check_u32(name: str, v: int) -> None:
@@ -118,6 +135,16 @@ def _update_body(u: GlobalUpdate) -> bytes:
         + np.asarray(u.seeds, dtype="<u4").tobytes()
         + np.ascontiguousarray(u.scalars, dtype="<f4").tobytes()
     )
+
+
+def catch_up_size(rounds: int, k: int, p: int) -> int:
+    """``len(encode(CatchUp(...)))`` for ``rounds`` updates of shape (k, p), without encoding."""
+    return 11 + rounds * (4 + 4 * k + 4 * k * p)
+
+
+def state_size(n: int, curvature: bool) -> int:
+    """``len(encode(StateMessage(...)))`` for ``n`` weights, without encoding."""
+    return 10 + 4 * n * (2 if curvature else 1)
 
 
 def encode(msg: Message) -> bytes:
@@ -157,6 +184,16 @@ def encode(msg: Message) -> bytes:
             if u.round != first + i or u.scalars.shape != (k, p) or len(u.seeds) != k:
                 raise MessageError("catch-up updates must be consecutive rounds of one shape")
             parts.append(_update_body(u))
+        return b"".join(parts)
+    if isinstance(msg, StateMessage):
+        weights = np.ascontiguousarray(msg.weights, dtype="<f4").reshape(-1)
+        parts = [struct.pack("<BIIB", msg.TAG, msg.round, weights.size, msg.curvature is not None)]
+        parts.append(weights.tobytes())
+        if msg.curvature is not None:
+            h = np.ascontiguousarray(msg.curvature, dtype="<f4").reshape(-1)
+            if h.size != weights.size:
+                raise MessageError(f"curvature has {h.size} values for {weights.size} weights")
+            parts.append(h.tobytes())
         return b"".join(parts)
     if isinstance(msg, WeightsMessage | DeltaReply):
         values = np.ascontiguousarray(msg.values, dtype="<f4").reshape(-1)
@@ -226,6 +263,12 @@ def decode(data: bytes) -> Message:
                 f"got {len(r.data) - r.pos}"
             )
         msg = CatchUp(tuple(_read_update_body(r, first + i, k, p) for i in range(count)))
+    elif tag == StateMessage.TAG:
+        rnd, n, has_h = r.unpack("<IIB", "header")
+        if has_h > 1:
+            raise MessageError(f"state flag must be 0 or 1, got {has_h}")
+        weights = r.f32(n, "weights")
+        msg = StateMessage(rnd, weights, r.f32(n, "curvature") if has_h else None)
     elif tag in (WeightsMessage.TAG, DeltaReply.TAG):
         rnd, second, n = r.unpack("<IfI", "header")
         values = r.f32(n, "values")

@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import NullFormatter
 
 
 def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path, title: str = "") -> None:
@@ -30,6 +31,7 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path, title: str = 
         xscale="log",
         title=title,
     )
+    ax_b.xaxis.set_minor_formatter(NullFormatter())  # decade labels only: no overlaps
     for ax in (ax_r, ax_b):
         ax.grid(alpha=0.3)
         ax.legend()

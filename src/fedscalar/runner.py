@@ -149,11 +149,11 @@ class _Run:
     def _client_data(self, cid: int) -> ClientData:
         idx, cfg, task = self.parts[cid], self.cfg, self.task
 
-        def make_batch(rnd: int, step: int, client: int):
-            pos = schedule.batch_positions(cfg.seed, rnd, client, step, cfg.batch_size, len(idx))
+        def make_batch(rnd: int, step: int):
+            pos = schedule.batch_positions(cfg.seed, rnd, cid, step, cfg.batch_size, len(idx))
             return task.batch(idx[pos])
 
-        return ClientData(cid, idx, cfg.batch_size, make_batch, task.loss)
+        return ClientData(cid, make_batch, task.loss)
 
     # -- restoring state ------------------------------------------------------------------
     def _restore(self) -> int:
@@ -174,8 +174,7 @@ class _Run:
             self.ledger.truncate(start)
         for rnd in range(1, start + 1):
             for cid in schedule.sample_clients(cfg.seed, rnd, cfg.clients, cfg.sampled):
-                if hasattr(self.server, "mark_synced"):
-                    self.server.mark_synced(cid, rnd - 1)
+                self.server.mark_synced(cid, rnd - 1)
         return start
 
     def _checkpoint(self, rnd: int) -> None:
@@ -208,7 +207,7 @@ class _Run:
         wall0 = last["wall_seconds"]
         t0 = time.perf_counter()
         status, error = "completed", None
-        bar = _progress(self.progress, cfg.rounds, start)
+        bar = _progress(self.progress)
         try:
             with bar or nullcontext():
                 task_id = (
@@ -300,7 +299,7 @@ class _Run:
         }
 
 
-def _progress(enabled: bool, total: int, start: int):
+def _progress(enabled: bool):
     if not enabled:
         return None
     from rich.progress import (
@@ -311,17 +310,13 @@ def _progress(enabled: bool, total: int, start: int):
         TimeRemainingColumn,
     )
 
-    return (
-        Progress(
-            TextColumn("[bold]round"),
-            MofNCompleteColumn(),
-            BarColumn(),
-            TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]}"),
-            TimeRemainingColumn(),
-            transient=False,
-        )
-        if enabled
-        else None
+    return Progress(
+        TextColumn("[bold]round"),
+        MofNCompleteColumn(),
+        BarColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]}"),
+        TimeRemainingColumn(),
+        transient=False,
     )
 
 

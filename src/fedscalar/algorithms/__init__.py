@@ -29,7 +29,7 @@ def make_server(cfg: RunConfig, space: ParamSpace, history: list[GlobalUpdate]) 
     """The server half of ``cfg.algorithm`` holding the global state in ``space``."""
     if cfg.algorithm in REPLAYABLE:
         algo = ZOAlgorithm(zo_settings(cfg))
-        return ZOServer(algo, ZOState(space, algo.s.hiso), history)
+        return ZOServer(algo, ZOState(space, algo.s.hiso), history, cfg.catch_up)
     return FedAvgServer(space)
 
 

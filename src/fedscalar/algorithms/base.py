@@ -26,13 +26,11 @@ class Diverged(RuntimeError):
 
 @dataclass(frozen=True)
 class ClientData:
-    """What a client trains on: its examples and how to turn positions into batches."""
+    """What a client trains on: its minibatches and the loss."""
 
     client_id: int
-    indices: np.ndarray
-    batch_size: int
-    make_batch: Callable[[int, int, int], Any]
-    """``make_batch(round, local_step, client_id) -> batch`` (deterministic)."""
+    make_batch: Callable[[int, int], Any]
+    """``make_batch(round, local_step) -> batch``: deterministic in its arguments."""
     loss: Callable[[torch.nn.Module, Any], torch.Tensor]
 
 
@@ -72,6 +70,9 @@ class Server(ABC):
     @abstractmethod
     def round(self) -> int:
         """Number of global updates applied to the state."""
+
+    def mark_synced(self, client_id: int, rounds: int) -> None:  # noqa: B027
+        """Record that ``client_id`` holds the state after ``rounds`` (used on resume)."""
 
 
 class Client(ABC):

@@ -27,7 +27,7 @@ class FedAvgClient(Client):
         self.space.load_flat_(start)
         first_loss = float("nan")
         for k in range(self.local_steps):
-            batch = data.make_batch(msg.round, k, data.client_id)
+            batch = data.make_batch(msg.round, k)
             self.space.model.zero_grad(set_to_none=True)
             loss = data.loss(self.space.model, batch)
             loss.backward()

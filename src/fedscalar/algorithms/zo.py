@@ -15,7 +15,16 @@ import torch
 
 from fedscalar import directions
 from fedscalar.algorithms.base import Client, ClientData, Server, check_finite
-from fedscalar.messages import CatchUp, GlobalUpdate, Message, ScalarReply, TrainRequest
+from fedscalar.messages import (
+    CatchUp,
+    GlobalUpdate,
+    Message,
+    ScalarReply,
+    StateMessage,
+    TrainRequest,
+    catch_up_size,
+    state_size,
+)
 from fedscalar.params import ParamSpace, Precond, Term, work_dtype
 
 
@@ -135,7 +144,7 @@ class ZOAlgorithm:
         scalars = np.empty((len(request.seeds), self.s.perturbations), dtype=np.float32)
         first_loss = float("nan")
         for k, seed in enumerate(request.seeds):
-            batch = data.make_batch(request.round, k, data.client_id)
+            batch = data.make_batch(request.round, k)
             loss, g = self.measure(state, data, batch, seed, local)
             if k == 0:
                 first_loss = loss
@@ -157,11 +166,28 @@ class ZOClient(Client):
             if update.round > self.state.round:  # a shared state may be ahead already
                 self.algo.apply(self.state, update)
 
+    def load_state(self, msg: StateMessage) -> None:
+        """Adopt the global state the server sent instead of a replay."""
+        if msg.round <= self.state.round:  # a shared state is already there
+            return
+        self.state.space.load_flat_(torch.from_numpy(msg.weights))
+        if self.state.curvature is not None:
+            if msg.curvature is None:
+                raise ProtocolError("a HiSo client needs the curvature with the weights")
+            h = torch.from_numpy(msg.curvature)
+            offset = 0
+            for buf in self.state.curvature:
+                buf.copy_(h[offset : offset + buf.numel()])
+                offset += buf.numel()
+        self.state.round = msg.round
+
     def handle(self, messages: list[Message], data: ClientData) -> Message:
         reply: Message | None = None
         for msg in messages:
             if isinstance(msg, CatchUp):
                 self.catch_up(msg)
+            elif isinstance(msg, StateMessage):
+                self.load_state(msg)
             elif isinstance(msg, TrainRequest):
                 reply = self.algo.train(self.state, msg, data)
             else:
@@ -174,10 +200,17 @@ class ZOClient(Client):
 class ZOServer(Server):
     """Aggregates scalars, applies the update, and serves catch-up from the ledger."""
 
-    def __init__(self, algo: ZOAlgorithm, state: ZOState, history: list[GlobalUpdate]):
+    def __init__(
+        self,
+        algo: ZOAlgorithm,
+        state: ZOState,
+        history: list[GlobalUpdate],
+        catch_up_mode: str = "replay",
+    ):
         self.algo, self.state, self.space = algo, state, state.space
         self.history = history  # rounds 1..n, shared with the ledger
         self.synced: dict[int, int] = {}  # client id -> rounds applied on that client
+        self.catch_up_mode = catch_up_mode  # "replay", or "auto": the state when smaller
 
     @property
     def round(self) -> int:
@@ -190,7 +223,14 @@ class ZOServer(Server):
         have = self.synced.get(client_id, 0)
         msgs: list[Message] = []
         if have < rnd - 1:
-            msgs.append(CatchUp(tuple(self.history[have : rnd - 1])))
+            k, p = len(seeds), self.algo.s.perturbations
+            hiso = self.state.curvature is not None
+            if self.catch_up_mode == "auto" and state_size(self.space.numel, hiso) < catch_up_size(
+                rnd - 1 - have, k, p
+            ):
+                msgs.append(self._state_message())
+            else:
+                msgs.append(CatchUp(tuple(self.history[have : rnd - 1])))
         msgs.append(TrainRequest(rnd, lr, tuple(seeds)))
         return msgs
 
@@ -215,6 +255,14 @@ class ZOServer(Server):
             "the updated weights", rnd, *(float(p.detach().sum()) for p in self.space.params)
         )
         return update, float(np.mean(losses))
+
+    def _state_message(self) -> StateMessage:
+        h = self.state.curvature
+        return StateMessage(
+            self.state.round,
+            self.space.flat().numpy(),
+            torch.cat(h).numpy() if h is not None else None,
+        )
 
     def apply(self, update: GlobalUpdate) -> None:
         self.algo.apply(self.state, update)
