@@ -29,8 +29,19 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1000)
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--target", type=float, default=0.85)
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="any other run option, e.g. --set hiso_eps=1e-4 (repeatable)",
+    )
     args = ap.parse_args()
-    print(f"{args.task}, {args.algorithm}, {args.rounds} rounds, eval every {args.eval_every}\n")
+    extra = dict(kv.split("=", 1) for kv in args.set)
+    print(
+        f"{args.task}, {args.algorithm}, {args.rounds} rounds, eval every {args.eval_every}"
+        f"{', ' + ', '.join(args.set) if args.set else ''}\n"
+    )
     print(
         f"| model (params) | lr | seed | final acc | best acc | first round >= {args.target} "
         "| ms/round |"
@@ -50,6 +61,7 @@ def main() -> None:
                         rounds=args.rounds,
                         eval_every=args.eval_every,
                         out=str(out),
+                        **extra,
                     )
                     try:
                         s = run(cfg).summary

@@ -22,7 +22,7 @@ DEFAULT_LR = {
     ("hiso", "digits"): 0.02,
     ("fedavg", "digits"): 0.3,
     ("decomfl", "mnist"): 0.01,
-    ("hiso", "mnist"): 3.3e-3,
+    ("hiso", "mnist"): 5e-3,
     ("fedavg", "mnist"): 0.3,
 }
 """Learning rates used when ``lr`` is not given: the best of a sweep with the task's

@@ -157,8 +157,15 @@ class _Run:
 
     # -- restoring state ------------------------------------------------------------------
     def _restore(self) -> int:
-        """Bring the server to the last round the run folder vouches for; return it."""
+        """Bring the server to the last round the run folder vouches for; return it.
+
+        Each round is written ledger first, then metrics, then (at evaluations) the
+        checkpoint, so checkpoint <= metrics <= ledger; a ledger record without its
+        metrics line (a crash in between) is dropped and the round is run again.
+        """
         rd, cfg = self.rd, self.cfg
+        logged = rd.read_metrics()
+        self.ledger.truncate(logged[-1]["round"] if logged else 0)
         start = 0
         if rd.checkpoint.exists():
             tensors, meta = RunDir.load_tensors(rd.checkpoint)
@@ -235,11 +242,13 @@ class _Run:
                         "bytes_down_cumulative": down_total,
                         "round_seconds": time.perf_counter() - t_round,
                     }
-                    if rnd % cfg.eval_every == 0 or rnd == cfg.rounds:
+                    evaluate = rnd % cfg.eval_every == 0 or rnd == cfg.rounds
+                    if evaluate:
                         record.update(self.task.evaluate(self.space.model))
-                        self._checkpoint(rnd)
                     record["wall_seconds"] = wall0 + time.perf_counter() - t0
                     rd.append_metrics(record)
+                    if evaluate:
+                        self._checkpoint(rnd)
                     history.append(record)
                     if bar is not None:
                         acc = next(
