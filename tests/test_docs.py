@@ -30,4 +30,7 @@ def test_readme_defaults_match_the_config():
         row = re.search(rf"^\| `{flag}[^|]*\| ([^|]+) \|", README, flags=re.MULTILINE)
         assert row, flag
         shown = row.group(1).strip().strip("`")
-        assert shown == str(info.default) or float(shown) == info.default, (flag, shown)
+        if isinstance(info.default, bool):
+            assert shown == ("on" if info.default else "off"), (flag, shown)
+        else:
+            assert shown == str(info.default) or float(shown) == info.default, (flag, shown)

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from fedscalar.config import RunConfig
 from fedscalar.tasks import build_task
 from fedscalar.tasks.partition import partition
 
@@ -35,7 +36,7 @@ def test_impossible_dirichlet_split_names_the_problem():
     "name,train,test,features", [("digits", 1437, 360, 64), ("mnist", 4000, 1000, 784)]
 )
 def test_builtin_tasks(name, train, test, features):
-    task = build_task(name)
+    task = build_task(RunConfig(task=name))
     assert task.x_train.shape == (train, features) and task.x_test.shape[0] == test
     assert float(task.x_train.min()) >= 0 and float(task.x_train.max()) <= 1
     a, b = task.build_model(0), task.build_model(0)

@@ -35,6 +35,10 @@ def _opt(field: str, flag: str | None = None):
     return typer.Option(flag, help=_help(field), show_default=False)
 
 
+LISTED = ("verbalizers", "lora_targets")
+"""Options given as comma-separated strings on the command line and lists in TOML."""
+
+
 def _fail(message: str, code: int = 2) -> typer.Exit:
     typer.echo(f"error: {message}", err=True)
     return typer.Exit(code)
@@ -65,6 +69,19 @@ def run(
     hiso_beta: Annotated[float | None, _opt("hiso_beta")] = None,
     hiso_eps: Annotated[float | None, _opt("hiso_eps")] = None,
     hiso_curvature_update: Annotated[str | None, _opt("hiso_curvature_update")] = None,
+    dataset: Annotated[str | None, _opt("dataset")] = None,
+    text_column: Annotated[str | None, _opt("text_column")] = None,
+    label_column: Annotated[str | None, _opt("label_column")] = None,
+    template: Annotated[str | None, _opt("template")] = None,
+    verbalizers: Annotated[str | None, _opt("verbalizers")] = None,
+    max_length: Annotated[int | None, _opt("max_length")] = None,
+    eval_examples: Annotated[int | None, _opt("eval_examples")] = None,
+    lora: Annotated[bool | None, _opt("lora", "--lora/--no-lora")] = None,
+    lora_rank: Annotated[int | None, _opt("lora_rank")] = None,
+    lora_alpha: Annotated[float | None, _opt("lora_alpha")] = None,
+    lora_targets: Annotated[str | None, _opt("lora_targets")] = None,
+    dtype: Annotated[str | None, _opt("dtype")] = None,
+    device: Annotated[str | None, _opt("device")] = None,
     catch_up: Annotated[str | None, _opt("catch_up")] = None,
     out: Annotated[str | None, _opt("out")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
@@ -74,6 +91,9 @@ def run(
     from fedscalar.runner import run as run_training
 
     flags = {k: v for k, v in locals().items() if k in RunConfig.model_fields and v is not None}
+    for listed in LISTED:
+        if listed in flags:
+            flags[listed] = flags[listed].split(",")
     try:
         if resume:
             if config is not None:
@@ -110,7 +130,7 @@ def export(
 
     try:
         rounds = export_weights(run_dir, output)
-    except (ConfigError, LedgerError, FileNotFoundError) as e:
+    except (ConfigError, LedgerError, FileNotFoundError, ValueError) as e:
         raise _fail(str(e)) from None
     typer.echo(f"wrote {output} (weights after round {rounds})")
 

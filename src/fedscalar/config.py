@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 ALGORITHMS = ("decomfl", "hiso", "fedavg")
 ZO_ALGORITHMS = ("decomfl", "hiso")
-TASKS = ("digits", "mnist")
+TASKS = ("digits", "mnist", "sentiment", "text-classification")
+TEXT_TASKS = ("sentiment", "text-classification")
 
 DEFAULT_LR = {
     ("decomfl", "digits"): 0.03,
@@ -24,6 +25,12 @@ DEFAULT_LR = {
     ("decomfl", "mnist"): 0.01,
     ("hiso", "mnist"): 5e-3,
     ("fedavg", "mnist"): 0.3,
+    ("decomfl", "sentiment"): 1e-5,
+    ("hiso", "sentiment"): 1e-5,
+    ("fedavg", "sentiment"): 1e-4,
+    ("decomfl", "text-classification"): 1e-5,
+    ("hiso", "text-classification"): 1e-5,
+    ("fedavg", "text-classification"): 1e-4,
 }
 """Learning rates used when ``lr`` is not given: the best of a sweep with the task's
 default model (see docs/benchmarks.md for the sweep)."""
@@ -44,12 +51,13 @@ class RunConfig(BaseModel):
     algorithm: Literal["decomfl", "hiso", "fedavg"] = Field(
         "decomfl", description="Training algorithm: decomfl, hiso or fedavg."
     )
-    task: Literal["digits", "mnist"] = Field(
-        "digits", description="Built-in task: digits or mnist."
+    task: Literal["digits", "mnist", "sentiment", "text-classification"] = Field(
+        "digits", description="Task: digits, mnist, sentiment or text-classification."
     )
     model: str | None = Field(
         None,
-        description="Model: linear, mlp, mlp16, mlp64, mlp128 or cnn; default: the task's default.",
+        description="Model. digits/mnist: linear, mlp, mlp16, mlp64, mlp128 or cnn (default "
+        "mlp); text tasks: smollm2-135m, minilm-l6 (default), a hub id or a local folder.",
     )
     clients: int = Field(10, ge=1, description="Number of clients the data is split over.")
     sampled: int = Field(5, ge=1, description="Clients sampled per round.")
@@ -79,6 +87,35 @@ class RunConfig(BaseModel):
     hiso_curvature_update: Literal["last", "all"] = Field(
         "last", description="HiSo with K>1: update H from the last local step or all of them."
     )
+    dataset: str | None = Field(
+        None, description="text-classification: HF dataset name, or a local folder or file."
+    )
+    text_column: str = Field("text", description="text-classification: the text column.")
+    label_column: str = Field("label", description="text-classification: the label column.")
+    template: str | None = Field(
+        None,
+        description="Causal LMs: prompt with one {text}; default sentiment '{text} It was', "
+        "otherwise '{text}\\nAnswer:'.",
+    )
+    verbalizers: list[str] | None = Field(
+        None,
+        description="Causal LMs: one single-token word per label, in label order; default "
+        "sentiment ' terrible,great' otherwise ' <label name>'.",
+    )
+    max_length: int = Field(128, ge=2, description="Text tasks: tokens per example at most.")
+    eval_examples: int = Field(
+        500, ge=0, description="Text tasks: fixed test subset evaluated (0: the whole test set)."
+    )
+    lora: bool = Field(False, description="Text tasks: train LoRA adapters (PEFT) only.")
+    lora_rank: int = Field(8, ge=1, description="LoRA rank.")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha (scale alpha/rank).")
+    lora_targets: list[str] | None = Field(
+        None, description="LoRA target modules; default: attention query and value projections."
+    )
+    dtype: Literal["float32", "bfloat16"] = Field(
+        "float32", description="Text tasks: weights dtype."
+    )
+    device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="cpu, cuda or auto.")
     catch_up: Literal["replay", "auto"] = Field(
         "replay",
         description="How a client that missed rounds gets up to date: replay the missed "
@@ -88,6 +125,16 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
+        if self.task not in TEXT_TASKS:
+            for name in ("dataset", "template", "verbalizers", "lora_targets"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"{name}: only for text tasks, not {self.task}")
+            if self.lora:
+                raise ValueError(f"lora: only for text tasks, not {self.task}")
+            if self.dtype != "float32":
+                raise ValueError(f"dtype: {self.task} models train in float32 only")
+        if self.task == "text-classification" and self.dataset is None:
+            raise ValueError("dataset: text-classification needs --dataset")
         if self.sampled > self.clients:
             raise ValueError(
                 f"sampled: {self.sampled} clients per round but only {self.clients} clients"

@@ -12,7 +12,9 @@ from fedscalar.config import ConfigError, build_config
 from fedscalar.ledger import Ledger, LedgerError
 from fedscalar.params import ParamSpace
 from fedscalar.rundir import RunDir
+from fedscalar.runner import load_base
 from fedscalar.tasks import build_task
+from fedscalar.tasks.hf import MissingPackage
 
 
 def rebuild(run_dir: str | Path, rounds: int | None = None) -> tuple[dict[str, torch.Tensor], int]:
@@ -25,12 +27,12 @@ def rebuild(run_dir: str | Path, rounds: int | None = None) -> tuple[dict[str, t
     if not rd.exists():
         raise ConfigError(f"run: no run folder at {rd.path} (config.toml missing)")
     cfg = build_config(rd.config)
-    task = build_task(cfg.task, cfg.model)
-    model = task.build_model(cfg.seed)
-    space = ParamSpace(model)
+    try:
+        task = build_task(cfg)
+    except (ValueError, MissingPackage) as e:
+        raise ConfigError(str(e)) from None
+    space = ParamSpace(task.build_model(cfg.seed))
     ledger = Ledger.open(rd.ledger)
-    if ledger.header["fingerprint"] != space.fingerprint():
-        raise LedgerError(f"{rd.ledger} was written for a different model layout")
     if ledger.header.get("generator") != directions.GENERATOR_ID:
         raise LedgerError(f"{rd.ledger} uses direction generator {ledger.header.get('generator')}")
     target = len(ledger) if rounds is None else rounds
@@ -41,8 +43,7 @@ def rebuild(run_dir: str | Path, rounds: int | None = None) -> tuple[dict[str, t
         return {n: tensors[n] for n in space.names}, int(meta["round"])
     if target > len(ledger):
         raise ConfigError(f"rounds: the ledger holds {len(ledger)} rounds, asked for {target}")
-    base, _ = RunDir.load_tensors(rd.base)
-    space.load_state_(base)
+    load_base(rd, space, ledger.header)
     server = make_server(cfg.resolved(), space, ledger.updates)
     for update in ledger.updates[:target]:
         server.apply(update)
@@ -50,10 +51,13 @@ def rebuild(run_dir: str | Path, rounds: int | None = None) -> tuple[dict[str, t
 
 
 def export(run_dir: str | Path, output: str | Path) -> int:
-    """Write the rebuilt weights (with frozen parameters too) to a safetensors file."""
+    """Write the rebuilt trainable weights to a safetensors file (named as in the model).
+
+    Frozen weights (the pretrained model under LoRA adapters) are not repeated: they are
+    the base model's.
+    """
     weights, rounds = rebuild(run_dir)
-    rd = RunDir(run_dir)
-    full, _ = RunDir.load_tensors(rd.base)
-    full.update(weights)
-    RunDir.save_tensors(Path(output), full, {"format": "fedscalar-export", "rounds": str(rounds)})
+    RunDir.save_tensors(
+        Path(output), weights, {"format": "fedscalar-export", "rounds": str(rounds)}
+    )
     return rounds

