@@ -69,3 +69,11 @@ def test_combination_is_the_weighted_sum():
     terms = [(5, 0, 0.5), (5, 1, -2.0), (9, 0, 0.25)]
     expected = sum(torch.from_numpy(reference.rademacher(s, p, 3, 300)) * c for s, p, c in terms)
     assert torch.equal(directions.combination(terms, 3, 0, 300), expected)
+
+
+def test_segments_equal_per_parameter_combinations():
+    terms = [(3, 0, 0.5), (3, 1, -1.5)]
+    segments = [(0, 7), (4, 100), (9, 33), (2, 64)]
+    joined = directions.combination_segments(terms, segments)
+    expected = torch.cat([directions.combination(terms, i, 0, n) for i, n in segments])
+    assert torch.equal(joined, expected)

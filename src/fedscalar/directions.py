@@ -76,6 +76,15 @@ def _tables_for(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor,
     return _tables[key]
 
 
+def _byte_index(seed: int, perturbation: int, param_index: int, start: int, n: int, device):
+    if start % 32:
+        raise ValueError(f"start must be a multiple of 32, got {start}")
+    keys = stream_key(seed, perturbation, param_index)
+    words = hash_words(start // 32, (n + 31) // 32, keys, device)
+    _, shifts = _tables_for(words.device, torch.float32)
+    return ((words[:, None] >> shifts) & 255).reshape(-1)
+
+
 def rademacher(
     seed: int,
     perturbation: int,
@@ -90,16 +99,37 @@ def rademacher(
 
     ``start`` must be a multiple of 32; the values do not depend on how a tensor is chunked.
     """
-    if start % 32:
-        raise ValueError(f"start must be a multiple of 32, got {start}")
     device = torch.device(device)
-    table, shifts = _tables_for(device, dtype)
-    n = stop - start
-    words = hash_words(
-        start // 32, (n + 31) // 32, stream_key(seed, perturbation, param_index), device
-    )
-    byte_index = ((words[:, None] >> shifts) & 255).reshape(-1)
-    return torch.index_select(table, 0, byte_index).reshape(-1)[:n]
+    table, _ = _tables_for(device, dtype)
+    idx = _byte_index(seed, perturbation, param_index, start, stop - start, device)
+    return torch.index_select(table, 0, idx).reshape(-1)[: stop - start]
+
+
+def add_combination_(
+    out: torch.Tensor,
+    terms: list[tuple[int, int, float]],
+    param_index: int,
+    start: int,
+    base: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``out = (base or out) + sum_t coef_t * z(seed_t, p_t)`` over positions ``start:``.
+
+    Terms are added one at a time in order, each as ``+-float(coef)`` (exact), so every
+    party evaluating the same terms gets bit-identical values. ``base`` lets the first
+    term be fused with a copy (``out = base + c z``), saving one pass over memory.
+    """
+    n = out.numel()
+    table, _ = _tables_for(out.device, out.dtype)
+    for k, (seed, p, coef) in enumerate(terms):
+        idx = _byte_index(seed, p, param_index, start, n, out.device)
+        scaled = torch.index_select(table * coef, 0, idx).reshape(-1)[:n]
+        if k == 0 and base is not None:
+            torch.add(base, scaled, out=out)
+        else:
+            out.add_(scaled)
+    if not terms and base is not None:
+        out.copy_(base)
+    return out
 
 
 def combination(
@@ -113,14 +143,49 @@ def combination(
 ) -> torch.Tensor:
     """``sum_t coef_t * z(seed_t, p_t)`` over ``start:stop`` of one parameter, in term order.
 
-    ``terms`` holds ``(seed, perturbation, coef)``. The summation order is fixed, so every
-    party that evaluates the same terms gets bit-identical values.
+    ``terms`` holds ``(seed, perturbation, coef)``.
     """
     acc = torch.zeros(stop - start, device=device, dtype=dtype)
+    return add_combination_(acc, terms, param_index, start)
+
+
+def combination_segments(
+    terms: list[tuple[int, int, float]],
+    segments: list[tuple[int, int]],
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """`combination` over whole parameters ``(param_index, numel)``, concatenated.
+
+    One vectorised pass for many small tensors (biases, norms), whose per-call overhead
+    would otherwise dominate; values equal `combination` on each parameter.
+    """
+    device = torch.device(device)
+    table, shifts = _tables_for(device, dtype)
+    words = [(n + 31) // 32 for _, n in segments]
+    counts = torch.tensor(words, device=device)
+    total = sum(words)
+    word_index = torch.arange(total, device=device) - torch.repeat_interleave(
+        torch.cumsum(counts, 0) - counts, counts
+    )
+    keep = torch.cat(
+        [
+            torch.arange(n, device=device) + 32 * off
+            for (_, n), off in zip(
+                segments, [sum(words[:j]) for j in range(len(words))], strict=True
+            )
+        ]
+    )
+    acc = torch.zeros(sum(n for _, n in segments), device=device, dtype=dtype)
     for seed, p, coef in terms:
-        acc.add_(
-            rademacher(seed, p, param_index, start, stop, device=device, dtype=dtype), alpha=coef
-        )
+        keys = [stream_key(seed, p, i) for i, _ in segments]
+        k1 = torch.repeat_interleave(torch.tensor([k[0] for k in keys], device=device), counts)
+        k2 = torch.repeat_interleave(torch.tensor([k[1] for k in keys], device=device), counts)
+        h = _mix(_mix(word_index.clone(), k1), k2)
+        idx = ((h[:, None] >> shifts) & 255).reshape(-1)
+        signs = torch.index_select(table * coef, 0, idx).reshape(-1)
+        acc.add_(signs[keep])
     return acc
 
 

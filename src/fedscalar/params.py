@@ -28,6 +28,10 @@ Precond = Callable[[int, int, int, torch.Tensor], None]
 (HiSo divides by ``sqrt(H + eps)``), chunk by chunk so no model-sized copy is made."""
 
 
+SMALL = 1 << 16
+"""Parameters up to this many elements are perturbed together in one vectorised pass."""
+
+
 def work_dtype(p: torch.Tensor) -> torch.dtype:
     """Arithmetic precision for a parameter: at least float32 (bf16/fp16 are upcast)."""
     return torch.promote_types(p.dtype, torch.float32)
@@ -101,16 +105,51 @@ class ParamSpace:
             )
 
     def materialize(
-        self, index: int, terms: list[Term], precond: Precond | None = None
+        self,
+        index: int,
+        terms: list[Term],
+        precond: Precond | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """A new tensor ``w + precond(sum_t c_t z_t)`` for parameter ``index``."""
+        """``w + precond(sum_t c_t z_t)`` for parameter ``index``, in ``out`` if given."""
         p = self.params[index]
-        out = p.detach().reshape(-1).to(work_dtype(p), copy=True)
-        for start, stop, comb in self.direction_chunks(terms, index):
+        w = p.detach().reshape(-1)
+        wd = work_dtype(p)
+        if out is None:
+            out = torch.empty(p.numel(), dtype=wd, device=p.device)
+        for start, stop in directions.chunks(p.numel()):
+            if precond is None and w.dtype == wd:  # fused: out = w + c_1 z_1 + ...
+                directions.add_combination_(out[start:stop], terms, index, start, w[start:stop])
+                continue
+            comb = directions.combination(terms, index, start, stop, device=p.device, dtype=wd)
             if precond is not None:
                 precond(index, start, stop, comb)
-            out[start:stop].add_(comb)
+            torch.add(w[start:stop].to(wd), comb, out=out[start:stop])
         return out.to(p.dtype).view_as(p)
+
+    def _materialize_small(
+        self, terms: list[Term], precond: Precond | None
+    ) -> dict[int, torch.Tensor]:
+        """Perturbed copies of all small parameters, generated in one vectorised pass."""
+        small = [i for i, p in enumerate(self.params) if p.numel() <= SMALL]
+        if not small:
+            return {}
+        first = self.params[small[0]]
+        comb = directions.combination_segments(
+            terms,
+            [(i, self.params[i].numel()) for i in small],
+            device=first.device,
+            dtype=work_dtype(first),
+        )
+        out, offset = {}, 0
+        for i in small:
+            p = self.params[i]
+            c = comb[offset : offset + p.numel()]
+            offset += p.numel()
+            if precond is not None:
+                precond(i, 0, p.numel(), c)
+            out[i] = (p.detach().reshape(-1).to(c.dtype) + c).to(p.dtype).view_as(p)
+        return out
 
     @contextmanager
     def perturbed(self, terms: list[Term], precond: Precond | None = None):
@@ -132,18 +171,31 @@ class ParamSpace:
         ran: list[bool] = []
         saved: dict[nn.Module, list[tuple[nn.Parameter, torch.Tensor]]] = {}
 
+        pool: dict[tuple[int, torch.dtype, torch.device], list[torch.Tensor]] = {}
+        ready = self._materialize_small(terms, precond)
+
         def pre_hook(module, _args):
             swaps = []
             for name, i in owners[module]:
                 param = getattr(module, name)
                 swaps.append((param, param.data))
-                param.data = self.materialize(i, terms, precond)
+                if i in ready:
+                    param.data = ready[i]
+                else:
+                    key = (param.numel(), work_dtype(param), param.device)
+                    buffer = pool[key].pop() if pool.get(key) else None
+                    param.data = self.materialize(i, terms, precond, out=buffer)
                 seen.add(i)
             saved[module] = swaps
 
         def post_hook(module, _args, _out):
             for param, original in saved.pop(module, []):
+                used = param.data
                 param.data = original
+                if used.numel() > SMALL and used.dtype == work_dtype(param):  # reuse the pages
+                    pool.setdefault((used.numel(), used.dtype, used.device), []).append(
+                        used.view(-1)
+                    )
 
         handles = [self.model.register_forward_hook(lambda *_: ran.append(True))]
         for module in owners:
