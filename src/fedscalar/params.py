@@ -130,25 +130,24 @@ class ParamSpace:
     def _materialize_small(
         self, terms: list[Term], precond: Precond | None
     ) -> dict[int, torch.Tensor]:
-        """Perturbed copies of all small parameters, generated in one vectorised pass."""
-        small = [i for i, p in enumerate(self.params) if p.numel() <= SMALL]
-        if not small:
-            return {}
-        first = self.params[small[0]]
-        comb = directions.combination_segments(
-            terms,
-            [(i, self.params[i].numel()) for i in small],
-            device=first.device,
-            dtype=work_dtype(first),
-        )
-        out, offset = {}, 0
-        for i in small:
-            p = self.params[i]
-            c = comb[offset : offset + p.numel()]
-            offset += p.numel()
-            if precond is not None:
-                precond(i, 0, p.numel(), c)
-            out[i] = (p.detach().reshape(-1).to(c.dtype) + c).to(p.dtype).view_as(p)
+        """Perturbed copies of all small parameters, one vectorised pass per device/dtype."""
+        groups: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+        for i, p in enumerate(self.params):
+            if p.numel() <= SMALL:
+                groups.setdefault((p.device, work_dtype(p)), []).append(i)
+        out: dict[int, torch.Tensor] = {}
+        for (device, dtype), members in groups.items():
+            comb = directions.combination_segments(
+                terms, [(i, self.params[i].numel()) for i in members], device=device, dtype=dtype
+            )
+            offset = 0
+            for i in members:
+                p = self.params[i]
+                c = comb[offset : offset + p.numel()]
+                offset += p.numel()
+                if precond is not None:
+                    precond(i, 0, p.numel(), c)
+                out[i] = (p.detach().reshape(-1).to(dtype) + c).to(p.dtype).view_as(p)
         return out
 
     @contextmanager

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,7 @@ def load_backbone(pre: Pretrained, dtype: torch.dtype) -> nn.Module:
 
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # an encoder's unused pooler weights are expected
+    hf_logging.disable_progress_bar()  # fedscalar shows its own progress
     try:
         if pre.kind == "causal":
             return AutoModelForCausalLM.from_pretrained(pre.source, dtype=dtype)
@@ -158,4 +160,6 @@ def add_lora(backbone: nn.Module, rank: int, alpha: float, targets: list[str] | 
             "name them with --lora-targets"
         )
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0)
-    return get_peft_model(backbone, config)
+    with warnings.catch_warnings():  # PEFT calls a transformers API deprecated in v5
+        warnings.simplefilter("ignore", FutureWarning)
+        return get_peft_model(backbone, config)
