@@ -62,49 +62,45 @@ def _tokenizer(folder: Path, causal: bool):
     return len(vocab)
 
 
+SHAPE = dict(
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    max_position_embeddings=64,
+)
+
+
+def _save_tiny(folder: Path, model_cls, config_cls, causal: bool, **extra) -> Path:
+    """A randomly initialised model of the given architecture, with a tiny tokenizer."""
+    import torch
+
+    vocab = _tokenizer(folder, causal=causal)
+    torch.manual_seed(0)
+    model_cls(config_cls(vocab_size=vocab, **SHAPE, **extra)).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    vocab = _tokenizer(folder, causal=True)
-    config = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
+    return _save_tiny(
+        tmp_path_factory.mktemp("tiny-llama"),
+        LlamaForCausalLM,
+        LlamaConfig,
+        causal=True,
         num_key_value_heads=1,
-        max_position_embeddings=64,
         pad_token_id=0,
         tie_word_embeddings=True,
     )
-    import torch
-
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     from transformers import BertConfig, BertModel
 
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    vocab = _tokenizer(folder, causal=False)
-    config = BertConfig(
-        vocab_size=vocab,
-        hidden_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=32,
-        max_position_embeddings=64,
-    )
-    import torch
-
-    torch.manual_seed(0)
-    BertModel(config).save_pretrained(folder)
-    return folder
+    return _save_tiny(tmp_path_factory.mktemp("tiny-bert"), BertModel, BertConfig, causal=False)
 
 
 @pytest.fixture(scope="session")

@@ -147,7 +147,7 @@ def test_local_folder_model_runs_resumes_and_exports(
         assert all(torch.equal(exported[k], final[k]) for k in weights)
 
 
-def test_sentiment_data_split_is_fixed_and_by_movie():
+def test_sentiment_data_split_is_fixed():
     from fedscalar.tasks.text import load_sentiment
 
     data = load_sentiment()
