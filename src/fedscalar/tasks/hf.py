@@ -100,8 +100,11 @@ class Pretrained:
 def inspect(name: str) -> Pretrained:
     """Load the config and tokenizer (not the weights) of model ``name``."""
     source = resolve(name)
+    from huggingface_hub.utils import logging as hub_logging
     from transformers import AutoConfig, AutoTokenizer
 
+    level = hub_logging.get_verbosity()
+    hub_logging.set_verbosity_error()  # no per-retry lines: one error line if it fails
     try:
         config = AutoConfig.from_pretrained(source)
         tokenizer = AutoTokenizer.from_pretrained(source)
@@ -110,6 +113,8 @@ def inspect(name: str) -> Pretrained:
             f"model: {name!r} is neither a built-in model ({', '.join(BUILTIN)}), "
             f"a local model folder, nor a reachable hub id ({str(e).splitlines()[0]})"
         ) from None
+    finally:
+        hub_logging.set_verbosity(level)
     archs = config.architectures or []
     kind = "causal" if any(a.endswith("ForCausalLM") for a in archs) else "encoder"
     max_positions = int(getattr(config, "max_position_embeddings", 0) or 1 << 30)
