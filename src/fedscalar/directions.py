@@ -80,7 +80,11 @@ def _byte_index(seed: int, perturbation: int, param_index: int, start: int, n: i
     if start % 32:
         raise ValueError(f"start must be a multiple of 32, got {start}")
     keys = stream_key(seed, perturbation, param_index)
-    words = hash_words(start // 32, (n + 31) // 32, keys, device)
+    return _bytes(hash_words(start // 32, (n + 31) // 32, keys, device))
+
+
+def _bytes(words: torch.Tensor) -> torch.Tensor:
+    """The four bytes of each 32-bit word, least significant first (sign-table rows)."""
     _, shifts = _tables_for(words.device, torch.float32)
     return ((words[:, None] >> shifts) & 255).reshape(-1)
 
@@ -162,19 +166,16 @@ def combination_segments(
     would otherwise dominate; values equal `combination` on each parameter.
     """
     device = torch.device(device)
-    table, shifts = _tables_for(device, dtype)
-    words = [(n + 31) // 32 for _, n in segments]
-    counts = torch.tensor(words, device=device)
-    total = sum(words)
-    word_index = torch.arange(total, device=device) - torch.repeat_interleave(
-        torch.cumsum(counts, 0) - counts, counts
+    table, _ = _tables_for(device, dtype)
+    counts = torch.tensor([(n + 31) // 32 for _, n in segments], device=device)
+    first_word = torch.cumsum(counts, 0) - counts
+    word_index = torch.arange(int(counts.sum()), device=device) - torch.repeat_interleave(
+        first_word, counts
     )
-    keep = torch.cat(
+    keep = torch.cat(  # drop each segment's padding up to a whole word
         [
-            torch.arange(n, device=device) + 32 * off
-            for (_, n), off in zip(
-                segments, [sum(words[:j]) for j in range(len(words))], strict=True
-            )
+            torch.arange(n, device=device) + 32 * int(w)
+            for (_, n), w in zip(segments, first_word, strict=True)
         ]
     )
     acc = torch.zeros(sum(n for _, n in segments), device=device, dtype=dtype)
@@ -182,8 +183,7 @@ def combination_segments(
         keys = [stream_key(seed, p, i) for i, _ in segments]
         k1 = torch.repeat_interleave(torch.tensor([k[0] for k in keys], device=device), counts)
         k2 = torch.repeat_interleave(torch.tensor([k[1] for k in keys], device=device), counts)
-        h = _mix(_mix(word_index.clone(), k1), k2)
-        idx = ((h[:, None] >> shifts) & 255).reshape(-1)
+        idx = _bytes(_mix(_mix(word_index.clone(), k1), k2))
         signs = torch.index_select(table * coef, 0, idx).reshape(-1)
         acc.add_(signs[keep])
     return acc

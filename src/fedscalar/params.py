@@ -12,7 +12,7 @@ changed.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -35,6 +35,18 @@ SMALL = 1 << 16
 def work_dtype(p: torch.Tensor) -> torch.dtype:
     """Arithmetic precision for a parameter: at least float32 (bf16/fp16 are upcast)."""
     return torch.promote_types(p.dtype, torch.float32)
+
+
+def copy_flat_(targets: list[torch.Tensor], vec: torch.Tensor) -> None:
+    """Copy consecutive slices of the flat ``vec`` into ``targets``, in order."""
+    total = sum(t.numel() for t in targets)
+    if vec.numel() != total:
+        raise ValueError(f"expected {total} values, got {vec.numel()}")
+    offset = 0
+    with torch.no_grad():
+        for t in targets:
+            t.copy_(vec[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
 
 
 class ParamSpace:
@@ -70,13 +82,7 @@ class ParamSpace:
         return torch.cat([p.detach().reshape(-1).float().cpu() for p in self.params])
 
     def load_flat_(self, vec: torch.Tensor) -> None:
-        if vec.numel() != self.numel:
-            raise ValueError(f"expected {self.numel} values, got {vec.numel()}")
-        offset = 0
-        with torch.no_grad():
-            for p in self.params:
-                p.copy_(vec[offset : offset + p.numel()].view_as(p))
-                offset += p.numel()
+        copy_flat_(self.params, vec)
 
     def state(self) -> dict[str, torch.Tensor]:
         return {n: p.detach().clone() for n, p in zip(self.names, self.params, strict=True)}
@@ -90,20 +96,6 @@ class ParamSpace:
                 p.copy_(tensors[n])
 
     # -- seeded directions ------------------------------------------------------------
-    def direction_chunks(
-        self, terms: list[Term], index: int
-    ) -> Iterator[tuple[int, int, torch.Tensor]]:
-        """Yield ``(start, stop, sum_t c_t z_t)`` chunks of parameter ``index``."""
-        p = self.params[index]
-        for start, stop in directions.chunks(p.numel()):
-            yield (
-                start,
-                stop,
-                directions.combination(
-                    terms, index, start, stop, device=p.device, dtype=work_dtype(p)
-                ),
-            )
-
     def materialize(
         self,
         index: int,

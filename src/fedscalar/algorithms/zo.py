@@ -25,7 +25,7 @@ from fedscalar.messages import (
     catch_up_size,
     state_size,
 )
-from fedscalar.params import ParamSpace, Precond, Term, work_dtype
+from fedscalar.params import ParamSpace, Precond, Term, copy_flat_, work_dtype
 
 
 class ProtocolError(RuntimeError):
@@ -174,11 +174,7 @@ class ZOClient(Client):
         if self.state.curvature is not None:
             if msg.curvature is None:
                 raise ProtocolError("a HiSo client needs the curvature with the weights")
-            h = torch.from_numpy(msg.curvature)
-            offset = 0
-            for buf in self.state.curvature:
-                buf.copy_(h[offset : offset + buf.numel()])
-                offset += buf.numel()
+            copy_flat_(self.state.curvature, torch.from_numpy(msg.curvature))
         self.state.round = msg.round
 
     def handle(self, messages: list[Message], data: ClientData) -> Message:
