@@ -83,6 +83,11 @@ def run(
     dtype: Annotated[str | None, _opt("dtype")] = None,
     device: Annotated[str | None, _opt("device")] = None,
     catch_up: Annotated[str | None, _opt("catch_up")] = None,
+    runtime: Annotated[str | None, _opt("runtime")] = None,
+    min_replies: Annotated[int | None, _opt("min_replies")] = None,
+    short_round: Annotated[str | None, _opt("short_round")] = None,
+    round_retries: Annotated[int | None, _opt("round_retries")] = None,
+    reply_timeout: Annotated[float | None, _opt("reply_timeout")] = None,
     out: Annotated[str | None, _opt("out")] = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
 ) -> None:

@@ -35,7 +35,19 @@ DEFAULT_LR = {
 """Learning rates used when ``lr`` is not given: the best of a sweep with the task's
 default model (see docs/benchmarks.md for the sweep)."""
 
-RESUMABLE_CHANGES = frozenset({"rounds", "lr", "eval_every", "out"})
+RESUMABLE_CHANGES = frozenset(
+    {
+        "rounds",
+        "lr",
+        "eval_every",
+        "out",
+        "runtime",
+        "min_replies",
+        "short_round",
+        "round_retries",
+        "reply_timeout",
+    }
+)
 """Fields a resumed run may change; anything else would make it a different run."""
 
 
@@ -121,6 +133,25 @@ class RunConfig(BaseModel):
         description="How a client that missed rounds gets up to date: replay the missed "
         "updates, or auto: receive the current state instead when that is fewer bytes.",
     )
+    runtime: Literal["local", "flower-simulation", "flower"] = Field(
+        "local",
+        description="local: the in-process simulator; flower-simulation: Flower's simulation "
+        "engine (needs fedscalar[flower-sim]); flower: a Flower deployment (set by the "
+        "fedscalar Flower app under `flwr run`, not by `fedscalar run`).",
+    )
+    min_replies: int = Field(
+        1, ge=1, description="Valid client replies a round needs before it is applied."
+    )
+    short_round: Literal["retry", "skip"] = Field(
+        "retry",
+        description="A round with fewer than min-replies valid replies: retry asks the "
+        "missing clients again (round-retries times, then the run stops, resumable); skip "
+        "records the round as a no-op update.",
+    )
+    round_retries: int = Field(2, ge=0, description="Retries of a short round (short-round=retry).")
+    reply_timeout: float = Field(
+        120.0, gt=0, description="Flower runtimes: seconds a round waits for client replies."
+    )
     out: str | None = Field(None, description="Run folder; default: a new folder under runs/.")
 
     @model_validator(mode="after")
@@ -138,6 +169,11 @@ class RunConfig(BaseModel):
         if self.sampled > self.clients:
             raise ValueError(
                 f"sampled: {self.sampled} clients per round but only {self.clients} clients"
+            )
+        if self.min_replies > self.sampled:
+            raise ValueError(
+                f"min_replies: {self.min_replies} valid replies needed but only "
+                f"{self.sampled} clients sampled per round"
             )
         return self
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,11 +18,20 @@ from typing import Any
 import torch
 
 from fedscalar import directions, schedule
-from fedscalar.algorithms import REPLAYABLE, ClientData, Diverged, make_client, make_server
+from fedscalar.algorithms import (
+    REPLAYABLE,
+    ClientData,
+    Diverged,
+    RejectedReply,
+    make_client,
+    make_server,
+)
 from fedscalar.config import RESUMABLE_CHANGES, ConfigError, RunConfig, build_config
 from fedscalar.ledger import Ledger, LedgerError
+from fedscalar.messages import GlobalUpdate, Message
 from fedscalar.params import ParamSpace
 from fedscalar.rundir import RunDir
+from fedscalar.runtime.base import Runtime
 from fedscalar.runtime.local import LocalRuntime
 from fedscalar.tasks import build_task
 from fedscalar.tasks.hf import MissingPackage
@@ -32,6 +42,18 @@ log = logging.getLogger("fedscalar")
 
 class RunFailed(RuntimeError):
     """The run stopped early; its folder holds everything up to the last good round."""
+
+
+class ShortRound(RuntimeError):
+    """A round got fewer valid replies than it needs, after its retries."""
+
+    def __init__(self, message: str, nonfinite: bool):
+        super().__init__(message)
+        self.nonfinite = nonfinite
+
+
+RuntimeFactory = Callable[["_Run"], Runtime]
+"""Builds the runtime for a run from its server, client data and config."""
 
 
 @dataclass
@@ -118,11 +140,13 @@ def run(
     resume: bool = False,
     resume_overrides: dict[str, Any] | None = None,
     progress: bool = False,
+    runtime: RuntimeFactory | None = None,
 ) -> RunResult:
     """Run (or resume) training as configured and return the summary.
 
     With ``resume=True``, ``resume_overrides["out"]`` names the run folder and the other
-    overrides may change ``rounds``, ``lr`` and ``eval_every`` only.
+    overrides may change only the fields in `RESUMABLE_CHANGES`. ``runtime`` replaces the
+    runtime ``cfg.runtime`` names (the Flower ServerApp passes its own).
     """
     if resume:
         overrides = dict(resume_overrides or {})
@@ -137,17 +161,33 @@ def run(
             raise ConfigError(f"out: {rd.path} already holds a run; use --resume or another --out")
         cfg = cfg.model_copy(update={"out": str(rd.path)})
     cfg = cfg.resolved()
+    if runtime is None and cfg.runtime == "flower-simulation":
+        from fedscalar.runtime.flower.simulation import simulate
+
+        return simulate(cfg, resume=resume, progress=progress)
+    if runtime is None and cfg.runtime == "flower":
+        raise ConfigError(
+            "runtime: a Flower deployment is started with `flwr run` of the fedscalar "
+            "Flower app (docs/deployment.md); fedscalar run takes local or flower-simulation"
+        )
     rd.path.mkdir(parents=True, exist_ok=True)
     handler = _setup_logging(rd)
     try:
-        return _Run(cfg, rd, resume, progress).execute()
+        return _Run(cfg, rd, resume, progress, runtime).execute()
     finally:
         log.removeHandler(handler)
         handler.close()
 
 
 class _Run:
-    def __init__(self, cfg: RunConfig, rd: RunDir, resume: bool, progress: bool):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        rd: RunDir,
+        resume: bool,
+        progress: bool,
+        runtime: RuntimeFactory | None = None,
+    ):
         self.cfg, self.rd, self.progress = cfg, rd, progress
         try:
             self.task = build_task(cfg)
@@ -172,10 +212,12 @@ class _Run:
             self.ledger = Ledger.create(rd.ledger, ledger_header(cfg, self.space))
         self.server = make_server(cfg, self.space, self.ledger.updates)
         self.client = make_client(cfg, self.space, self.server)
-        self.runtime = LocalRuntime(self.server, self.client, self._client_data)
         self.resume = resume
+        self.runtime = (
+            runtime(self) if runtime else LocalRuntime(self.server, self.client, self.client_data)
+        )
 
-    def _client_data(self, cid: int) -> ClientData:
+    def client_data(self, cid: int) -> ClientData:
         idx, cfg, task = self.parts[cid], self.cfg, self.task
 
         def make_batch(rnd: int, step: int):
@@ -212,6 +254,58 @@ class _Run:
             for cid in schedule.sample_clients(cfg.seed, rnd, cfg.clients, cfg.sampled):
                 self.server.mark_synced(cid, rnd - 1)
         return start
+
+    def _exchange(
+        self, rnd: int, lr: float, seeds: tuple[int, ...], clients: list[int]
+    ) -> tuple[GlobalUpdate, float | None, dict[str, int]]:
+        """One round: gather valid replies (retrying the missing ones), then aggregate.
+
+        A reply that is missing, malformed, oversized, stale, of the wrong shape or
+        non-finite is logged with its reason and left out; the round is applied with the
+        rest if at least ``min_replies`` remain, and never half-done otherwise.
+        """
+        cfg = self.cfg
+        valid: dict[int, Message] = {}
+        problems: dict[int, RejectedReply] = {}
+        counts = {"bytes_up": 0, "bytes_down": 0}
+        pending = clients
+        attempts = 1 + (cfg.round_retries if cfg.short_round == "retry" else 0)
+        for attempt in range(attempts):
+            traffic = self.runtime.run_round(rnd, lr, seeds, pending)
+            counts["bytes_up"] += traffic.bytes_up
+            counts["bytes_down"] += traffic.bytes_down
+            for cid, reason in traffic.missing.items():
+                problems[cid] = RejectedReply(reason)
+            for cid, wire in traffic.replies.items():
+                try:
+                    valid[cid] = self.server.accept(rnd, seeds, wire)
+                    problems.pop(cid, None)
+                except RejectedReply as e:
+                    problems[cid] = e
+            for cid in pending:
+                if cid in problems:
+                    log.warning("round %d: client %d left out: %s", rnd, cid, problems[cid])
+            if len(valid) >= cfg.min_replies:
+                break
+            pending = [c for c in clients if c not in valid]
+            if attempt + 1 < attempts:
+                log.warning(
+                    "round %d: %d valid replies, %d needed; asking clients %s again",
+                    rnd,
+                    len(valid),
+                    cfg.min_replies,
+                    pending,
+                )
+        counts.update(replies=len(valid), rejected=len(problems))
+        if len(valid) >= cfg.min_replies:
+            update, loss = self.server.aggregate(rnd, lr, seeds, valid)
+            return update, loss, counts
+        why = "; ".join(f"client {c}: {e}" for c, e in sorted(problems.items()))
+        short = f"round {rnd}: {len(valid)} valid replies, {cfg.min_replies} needed ({why})"
+        if cfg.short_round == "skip":
+            log.warning("%s; skipped (recorded as a no-op update)", short)
+            return self.server.skip(rnd, seeds), None, counts
+        raise ShortRound(short, nonfinite=all(e.nonfinite for e in problems.values()))
 
     def _checkpoint(self, rnd: int) -> None:
         RunDir.save_tensors(self.rd.checkpoint, self.server.state_tensors(), {"round": str(rnd)})
@@ -257,16 +351,14 @@ class _Run:
                     t_round = time.perf_counter()
                     clients = schedule.sample_clients(cfg.seed, rnd, cfg.clients, cfg.sampled)
                     seeds = schedule.round_seeds(cfg.seed, rnd, cfg.local_steps)
-                    traffic = self.runtime.run_round(rnd, cfg.lr, seeds, clients)
-                    update, train_loss = self.server.aggregate(rnd, cfg.lr, seeds, traffic.replies)
+                    update, train_loss, counts = self._exchange(rnd, cfg.lr, seeds, clients)
                     self.ledger.append(update)
-                    up_total += traffic.bytes_up
-                    down_total += traffic.bytes_down
+                    up_total += counts["bytes_up"]
+                    down_total += counts["bytes_down"]
                     record = {
                         "round": rnd,
                         "train_loss": train_loss,
-                        "bytes_up": traffic.bytes_up,
-                        "bytes_down": traffic.bytes_down,
+                        **counts,
                         "bytes_up_cumulative": up_total,
                         "bytes_down_cumulative": down_total,
                         "round_seconds": time.perf_counter() - t_round,
@@ -287,11 +379,13 @@ class _Run:
                         bar.update(
                             task_id,
                             completed=rnd,
-                            loss=train_loss,
+                            loss=train_loss if train_loss is not None else float("nan"),
                             acc=f"{acc:.3f}" if acc is not None else "-",
                         )
         except Diverged as e:
             status, error = "diverged", str(e)
+        except ShortRound as e:
+            status, error = ("diverged" if e.nonfinite else "short-round"), str(e)
         except KeyboardInterrupt:
             status, error = "interrupted", "interrupted by the user"
         summary = self._summary(history, status)
@@ -332,6 +426,8 @@ class _Run:
             "bytes_up_per_client_round": last["bytes_up_cumulative"] / contacts,
             "bytes_down_per_client_round": last["bytes_down_cumulative"] / contacts,
             "ledger_bytes_per_round": self.ledger.bytes_per_round(),
+            "replies_rejected": sum(h.get("rejected", 0) for h in trained),
+            "rounds_skipped": sum(1 for h in trained if h.get("train_loss", 0.0) is None),
             "wall_seconds": last["wall_seconds"],
             "seconds_per_round": sum(h["round_seconds"] for h in trained) / max(1, len(trained)),
         }

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fedscalar.algorithms.base import Client, ClientData, Diverged, Server
+from fedscalar.algorithms.base import Client, ClientData, Diverged, RejectedReply, Server
 from fedscalar.algorithms.fedavg import FedAvgClient, FedAvgServer
 from fedscalar.algorithms.zo import ZOAlgorithm, ZOClient, ZOServer, ZOSettings, ZOState
 from fedscalar.config import RunConfig
@@ -48,6 +48,7 @@ __all__ = [
     "Client",
     "ClientData",
     "Diverged",
+    "RejectedReply",
     "Server",
     "make_client",
     "make_server",

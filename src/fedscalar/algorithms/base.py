@@ -16,12 +16,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedscalar.messages import GlobalUpdate, Message
+from fedscalar.messages import GlobalUpdate, Message, MessageError, decode
 from fedscalar.params import ParamSpace
 
 
 class Diverged(RuntimeError):
-    """A round produced a non-finite loss, scalar or weight; it was not applied."""
+    """A round produced non-finite weights; it was not applied."""
+
+
+class RejectedReply(ValueError):
+    """A client's reply cannot be used; the message says why.
+
+    ``nonfinite`` marks replies that were well formed but carried a NaN or infinity (a
+    diverging model rather than a broken or hostile client).
+    """
+
+    def __init__(self, reason: str, nonfinite: bool = False):
+        super().__init__(reason)
+        self.nonfinite = nonfinite
 
 
 @dataclass(frozen=True)
@@ -46,12 +58,40 @@ class Server(ABC):
         """Messages that bring ``client_id`` up to date and ask it to train at ``rnd``."""
 
     @abstractmethod
+    def max_reply_bytes(self, seeds: tuple[int, ...]) -> int:
+        """The size of a valid reply to a request with these seeds (larger ones are refused)."""
+
+    @abstractmethod
+    def check_reply(self, rnd: int, seeds: tuple[int, ...], reply: Message) -> None:
+        """Raise `RejectedReply` unless ``reply`` is a usable answer to this round's request."""
+
+    def accept(self, rnd: int, seeds: tuple[int, ...], wire: bytes) -> Message:
+        """Decode and check one reply from the network; `RejectedReply` says what is wrong."""
+        limit = self.max_reply_bytes(seeds)
+        if len(wire) > limit:
+            raise RejectedReply(f"{len(wire)} bytes, more than the {limit} a reply has")
+        try:
+            reply = decode(wire)
+        except MessageError as e:
+            raise RejectedReply(f"malformed reply: {e}") from None
+        self.check_reply(rnd, seeds, reply)
+        return reply
+
+    @abstractmethod
     def aggregate(
         self, rnd: int, lr: float, seeds: tuple[int, ...], replies: dict[int, Message]
     ) -> tuple[GlobalUpdate, float]:
-        """Apply the round's update from client replies; return it and the mean train loss.
+        """Apply the round's update from checked replies; return it and the mean train loss.
 
-        Raises `Diverged` (and leaves the global state unchanged) on non-finite values.
+        Raises `Diverged` (and leaves the global state unchanged) if the weights would
+        become non-finite.
+        """
+
+    @abstractmethod
+    def skip(self, rnd: int, seeds: tuple[int, ...]) -> GlobalUpdate:
+        """Record round ``rnd`` as done without changing the state (too few replies).
+
+        The returned no-op update has lr 0 and zero scalars; replaying it changes nothing.
         """
 
     @abstractmethod
@@ -86,3 +126,19 @@ class Client(ABC):
 def check_finite(what: str, rnd: int, *values: float) -> None:
     if not all(np.isfinite(v) for v in values):
         raise Diverged(f"round {rnd}: {what} is not finite")
+
+
+def check_round(kind: type, rnd: int, reply: Message) -> None:
+    """Reject a reply of the wrong type or for another round."""
+    if not isinstance(reply, kind):
+        raise RejectedReply(f"expected a {kind.__name__}, got a {type(reply).__name__}")
+    if reply.round != rnd:  # type: ignore[attr-defined]
+        raise RejectedReply(f"reply for round {reply.round} in round {rnd} (stale or replayed)")
+
+
+def check_values(rnd: int, loss: float, values: np.ndarray) -> None:
+    """Reject a reply carrying a non-finite loss or value."""
+    if not np.isfinite(loss):
+        raise RejectedReply(f"round {rnd}: the client loss is not finite", nonfinite=True)
+    if not np.isfinite(values).all():
+        raise RejectedReply(f"round {rnd}: a client value is not finite", nonfinite=True)

@@ -10,8 +10,16 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fedscalar.algorithms.base import Client, ClientData, Server, check_finite
-from fedscalar.messages import DeltaReply, GlobalUpdate, Message, WeightsMessage
+from fedscalar.algorithms.base import (
+    Client,
+    ClientData,
+    RejectedReply,
+    Server,
+    check_finite,
+    check_round,
+    check_values,
+)
+from fedscalar.messages import DeltaReply, GlobalUpdate, Message, WeightsMessage, encode
 from fedscalar.params import ParamSpace
 
 
@@ -53,17 +61,22 @@ class FedAvgServer(Server):
     def messages_for(self, client_id, rnd, lr, seeds) -> list[Message]:
         return [WeightsMessage(rnd, lr, self.global_weights.numpy())]
 
+    def max_reply_bytes(self, seeds):
+        return len(encode(DeltaReply(0, 0.0, np.zeros(self.space.numel, np.float32))))
+
+    def check_reply(self, rnd, seeds, reply) -> None:
+        check_round(DeltaReply, rnd, reply)
+        if reply.values.size != self.space.numel:
+            raise RejectedReply(f"a delta of {reply.values.size} values for {self.space.numel}")
+        check_values(rnd, reply.loss, reply.values)
+
     def aggregate(self, rnd, lr, seeds, replies):
         losses = []
         total = torch.zeros_like(self.global_weights, dtype=torch.float64)
-        for cid, reply in replies.items():
-            if not isinstance(reply, DeltaReply) or reply.round != rnd:
-                raise ValueError(f"client {cid}: expected a weight delta for round {rnd}")
-            if reply.values.size != self.space.numel:
-                raise ValueError(f"client {cid}: delta of {reply.values.size} values")
+        for reply in replies.values():
+            self.check_reply(rnd, seeds, reply)
             total += torch.from_numpy(reply.values)
             losses.append(reply.loss)
-        check_finite("the client loss", rnd, *losses)
         new = (self.global_weights.double() + total / len(replies)).float()
         check_finite("the updated weights", rnd, float(new.sum()))
         self.global_weights = new
@@ -72,6 +85,10 @@ class FedAvgServer(Server):
         return GlobalUpdate(rnd, float(np.float32(lr)), (), np.zeros((0, 0), np.float32)), float(
             np.mean(losses)
         )
+
+    def skip(self, rnd, seeds) -> GlobalUpdate:
+        self._round = rnd
+        return GlobalUpdate(rnd, 0.0, (), np.zeros((0, 0), np.float32))
 
     def apply(self, update: GlobalUpdate) -> None:
         raise NotImplementedError("FedAvg updates are not replayable; resume from a checkpoint")

@@ -14,7 +14,15 @@ import numpy as np
 import torch
 
 from fedscalar import directions
-from fedscalar.algorithms.base import Client, ClientData, Server, check_finite
+from fedscalar.algorithms.base import (
+    Client,
+    ClientData,
+    RejectedReply,
+    Server,
+    check_finite,
+    check_round,
+    check_values,
+)
 from fedscalar.messages import (
     CatchUp,
     GlobalUpdate,
@@ -23,6 +31,7 @@ from fedscalar.messages import (
     StateMessage,
     TrainRequest,
     catch_up_size,
+    encode,
     state_size,
 )
 from fedscalar.params import ParamSpace, Precond, Term, copy_flat_, work_dtype
@@ -79,9 +88,13 @@ class ZOAlgorithm:
 
         HiSo also updates ``H <- beta H + (1 - beta) D^2`` from the frozen round-start H
         (from the last local step, or sequentially from each with ``curvature_update="all"``).
+        An update with lr 0 is a skipped round: it changes neither the weights nor H.
         """
         if update.round != state.round + 1:
             raise ProtocolError(f"update for round {update.round} applied at round {state.round}")
+        if update.lr == 0:
+            state.round = update.round
+            return
         k_steps, p_count = update.scalars.shape
         step_terms = [
             [(update.seeds[k], p, float(update.scalars[k, p]) / p_count) for p in range(p_count)]
@@ -230,18 +243,26 @@ class ZOServer(Server):
         msgs.append(TrainRequest(rnd, lr, tuple(seeds)))
         return msgs
 
+    def _shape(self, seeds: tuple[int, ...]) -> tuple[int, int]:
+        return len(seeds), self.algo.s.perturbations
+
+    def max_reply_bytes(self, seeds):
+        return len(encode(ScalarReply(0, 0.0, np.zeros(self._shape(seeds), np.float32))))
+
+    def check_reply(self, rnd, seeds, reply) -> None:
+        check_round(ScalarReply, rnd, reply)
+        if reply.scalars.shape != self._shape(seeds):
+            raise RejectedReply(
+                f"{reply.scalars.shape} scalars, expected {self._shape(seeds)} (K x P)"
+            )
+        check_values(rnd, reply.loss, reply.scalars)
+
     def aggregate(self, rnd, lr, seeds, replies):
-        shape = (len(seeds), self.algo.s.perturbations)
         rows, losses = [], []
-        for cid, reply in replies.items():
-            if not isinstance(reply, ScalarReply) or reply.round != rnd:
-                raise ProtocolError(f"client {cid}: expected scalars for round {rnd}")
-            if reply.scalars.shape != shape:
-                raise ProtocolError(f"client {cid}: scalars of shape {reply.scalars.shape}")
+        for reply in replies.values():
+            self.check_reply(rnd, seeds, reply)
             rows.append(reply.scalars.astype(np.float64))
             losses.append(reply.loss)
-        check_finite("the client loss", rnd, *losses)
-        check_finite("a client scalar", rnd, *np.concatenate([r.ravel() for r in rows]))
         gbar = np.mean(rows, axis=0).astype(np.float32)
         update = GlobalUpdate(rnd, float(np.float32(lr)), tuple(seeds), gbar)
         self.apply(update)
@@ -251,6 +272,11 @@ class ZOServer(Server):
             "the updated weights", rnd, *(float(p.detach().sum()) for p in self.space.params)
         )
         return update, float(np.mean(losses))
+
+    def skip(self, rnd, seeds) -> GlobalUpdate:
+        update = GlobalUpdate(rnd, 0.0, tuple(seeds), np.zeros(self._shape(seeds), np.float32))
+        self.apply(update)
+        return update
 
     def _state_message(self) -> StateMessage:
         h = self.state.curvature
