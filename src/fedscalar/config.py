@@ -210,11 +210,23 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config: {path} is not valid TOML: {e}") from e
 
 
-def build_config(file: str | Path | None = None, **overrides: Any) -> RunConfig:
-    """Defaults, then the TOML ``file``, then the ``overrides`` that are not None."""
-    values: dict[str, Any] = read_toml(file) if file is not None else {}
-    values.update({k: v for k, v in overrides.items() if v is not None})
+def _validated(values: dict[str, Any]) -> RunConfig:
     try:
         return RunConfig(**values)
     except ValidationError as e:
         raise ConfigError(_format(e)) from None
+
+
+def build_config(file: str | Path | None = None, **overrides: Any) -> RunConfig:
+    """Defaults, then the TOML ``file``, then the ``overrides`` that are not None."""
+    values: dict[str, Any] = read_toml(file) if file is not None else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return _validated(values)
+
+
+def build_config_text(text: str) -> RunConfig:
+    """A config from TOML text (as `RunConfig.to_toml` writes it)."""
+    try:
+        return _validated(tomllib.loads(text))
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config: not valid TOML: {e}") from e

@@ -162,14 +162,27 @@ def run(
         cfg = cfg.model_copy(update={"out": str(rd.path)})
     cfg = cfg.resolved()
     if runtime is None and cfg.runtime == "flower-simulation":
-        from fedscalar.runtime.flower.simulation import simulate
-
+        try:
+            from fedscalar.runtime.flower.simulation import simulate
+        except ImportError as e:
+            raise ConfigError(
+                f"runtime: flower-simulation needs Flower ({e.name} is missing): "
+                "pip install 'fedscalar[flower-sim]'"
+            ) from None
         return simulate(cfg, resume=resume, progress=progress)
     if runtime is None and cfg.runtime == "flower":
         raise ConfigError(
             "runtime: a Flower deployment is started with `flwr run` of the fedscalar "
             "Flower app (docs/deployment.md); fedscalar run takes local or flower-simulation"
         )
+    return execute(cfg, resume=resume, progress=progress, runtime=runtime)
+
+
+def execute(
+    cfg: RunConfig, *, resume: bool, progress: bool, runtime: RuntimeFactory | None
+) -> RunResult:
+    """Run the resolved ``cfg`` in its folder ``cfg.out`` with the given runtime."""
+    rd = RunDir(cfg.out or _default_out(cfg))
     rd.path.mkdir(parents=True, exist_ok=True)
     handler = _setup_logging(rd)
     try:
@@ -177,6 +190,23 @@ def run(
     finally:
         log.removeHandler(handler)
         handler.close()
+
+
+def client_data(cfg: RunConfig, task: Any, idx: Any, cid: int) -> ClientData:
+    """Client ``cid``'s minibatches, drawn from its examples ``idx`` of ``task``."""
+
+    def make_batch(rnd: int, step: int):
+        pos = schedule.batch_positions(cfg.seed, rnd, cid, step, cfg.batch_size, len(idx))
+        return task.batch(idx[pos])
+
+    return ClientData(cid, make_batch, task.loss)
+
+
+def client_partitions(cfg: RunConfig, task: Any) -> list[Any]:
+    """Each client's training examples (indices into the task's training set)."""
+    return partition(
+        task.train_labels, cfg.clients, cfg.partition, cfg.alpha, schedule.partition_seed(cfg.seed)
+    )
 
 
 class _Run:
@@ -191,16 +221,9 @@ class _Run:
         self.cfg, self.rd, self.progress = cfg, rd, progress
         try:
             self.task = build_task(cfg)
-            parts = partition(
-                self.task.train_labels,
-                cfg.clients,
-                cfg.partition,
-                cfg.alpha,
-                schedule.partition_seed(cfg.seed),
-            )
+            self.parts = client_partitions(cfg, self.task)
         except (ValueError, MissingPackage) as e:
             raise ConfigError(str(e)) from None
-        self.parts = parts
         self.space = ParamSpace(self.task.build_model(cfg.seed).to(resolve_device(cfg.device)))
         if resume:
             self.ledger = Ledger.open(rd.ledger)
@@ -218,13 +241,7 @@ class _Run:
         )
 
     def client_data(self, cid: int) -> ClientData:
-        idx, cfg, task = self.parts[cid], self.cfg, self.task
-
-        def make_batch(rnd: int, step: int):
-            pos = schedule.batch_positions(cfg.seed, rnd, cid, step, cfg.batch_size, len(idx))
-            return task.batch(idx[pos])
-
-        return ClientData(cid, make_batch, task.loss)
+        return client_data(self.cfg, self.task, self.parts[cid], cid)
 
     # -- restoring state ------------------------------------------------------------------
     def _restore(self) -> int:

@@ -1,0 +1,109 @@
+"""The node side: a fedscalar client behind a Flower ClientApp.
+
+A process keeps one model per run, shared by every client id it serves (as in the local
+simulator), so memory does not grow with the number of virtual nodes a simulation
+worker hosts. A ZO model is a pure function of its base and the ledger: a new process
+(or a restarted node) reports the rounds it holds and the server sends the missing ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from flwr.app import Context, Message
+
+from fedscalar.algorithms import Client, make_client
+from fedscalar.algorithms.zo import ProtocolError, ZOClient
+from fedscalar.config import RunConfig, build_config_text
+from fedscalar.messages import CatchUp, MessageError, TrainRequest, decode, encode
+from fedscalar.params import ParamSpace
+from fedscalar.runner import client_data, client_partitions, resolve_device
+from fedscalar.runtime.flower.protocol import pack, unpack
+from fedscalar.tasks import build_task
+
+log = logging.getLogger("fedscalar")
+
+
+@dataclass
+class Session:
+    """One run's model, task and client on this node."""
+
+    cfg: RunConfig
+    task: Any
+    parts: list[Any]
+    client: Client
+
+    @property
+    def round(self) -> int:
+        """Rounds applied to this node's model (FedAvg nodes get weights every round)."""
+        return self.client.state.round if isinstance(self.client, ZOClient) else 0
+
+
+_SESSIONS: dict[str, Session] = {}
+
+
+def _session(run: str, toml: str | None) -> Session | None:
+    """This process's session for ``run``; built from ``toml`` if there is none yet."""
+    if run in _SESSIONS or toml is None:
+        return _SESSIONS.get(run)
+    cfg = build_config_text(toml)
+    task = build_task(cfg)
+    space = ParamSpace(task.build_model(cfg.seed).to(resolve_device(cfg.device)))
+    _SESSIONS.clear()  # one run at a time per process: a new run frees the old model
+    _SESSIONS[run] = Session(cfg, task, client_partitions(cfg, task), make_client(cfg, space))
+    log.info("node set up for run %s: %s on %s", run, cfg.algorithm, cfg.task)
+    return _SESSIONS[run]
+
+
+def _partition(context: Context, session: Session) -> int:
+    node = context.node_config
+    if "partition-id" not in node:
+        raise ValueError("the node has no partition-id in its --node-config")
+    pid, clients = int(node["partition-id"]), session.cfg.clients
+    if "num-partitions" in node and int(node["num-partitions"]) != clients:
+        raise ValueError(f"node has num-partitions={node['num-partitions']}, run has {clients}")
+    if not 0 <= pid < clients:
+        raise ValueError(f"partition-id {pid} outside 0..{clients - 1}")
+    return pid
+
+
+def _rounds_assumed(messages: list[Any]) -> int:
+    """How many rounds the server assumed this node holds when it wrote ``messages``."""
+    first = messages[0] if messages else None
+    if isinstance(first, CatchUp):
+        return first.updates[0].round - 1
+    if isinstance(first, TrainRequest):
+        return first.round - 1
+    return 0  # a full state (or FedAvg's weights) fits any node
+
+
+def query(message: Message, context: Context) -> Message:
+    """Set up (or find) the run's session; reply with this node's client id and round."""
+    try:
+        values = unpack(message.content)
+        session = _session(str(values["run"]), str(values["config"]))
+        assert session is not None
+        pid = _partition(context, session)
+    except Exception as e:  # the reason goes back to the server, which logs it
+        return Message(pack(error=f"{type(e).__name__}: {e}"), reply_to=message)
+    return Message(pack(partition=pid, round=session.round), reply_to=message)
+
+
+def train(message: Message, context: Context) -> Message:
+    """Decode the round's messages, run the client, reply with its encoded message."""
+    try:
+        values = unpack(message.content)
+        session = _session(str(values["run"]), None)
+        if session is None:
+            return Message(pack(setup=True), reply_to=message)
+        pid = _partition(context, session)
+        messages = [decode(bytes(b)) for b in values["messages"]]
+        if session.round < _rounds_assumed(messages):
+            return Message(pack(behind=session.round), reply_to=message)
+        data = client_data(session.cfg, session.task, session.parts[pid], pid)
+        reply = session.client.handle(messages, data)
+        return Message(pack(reply=encode(reply)), reply_to=message)
+    except (MessageError, ProtocolError, ValueError, KeyError, TypeError) as e:
+        return Message(pack(error=f"{type(e).__name__}: {e}"), reply_to=message)

@@ -1,0 +1,149 @@
+"""The server side: a `Runtime` that exchanges a round's messages through a Flower Grid.
+
+Nodes are matched to client ids by the ``partition-id`` in their node config, learned by
+a ``query`` to every node the first time it is seen (a restarted node has a new node id
+and is queried again; it reports the rounds its model holds, and the server's catch-up
+starts there). Everything a node sends back is checked by the server before use.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from fedscalar.messages import encode
+from fedscalar.runtime.base import RoundTraffic, Runtime
+from fedscalar.runtime.flower.protocol import QUERY, TRAIN, pack, run_key, unpack
+
+if TYPE_CHECKING:
+    from fedscalar.runner import _Run
+
+log = logging.getLogger("fedscalar")
+
+
+class FlowerRuntime(Runtime):
+    def __init__(self, grid: Grid, run: _Run, wait_for_nodes: float | None = None):
+        self.grid, self.server, self.cfg = grid, run.server, run.cfg
+        self.key, self.toml = run_key(run.cfg), run.cfg.to_toml()
+        self.timeout = run.cfg.reply_timeout
+        self.nodes: dict[int, int] = {}  # client id -> node id
+        self.queried: set[int] = set()
+        self._await_nodes(self.timeout if wait_for_nodes is None else wait_for_nodes)
+
+    # -- nodes ----------------------------------------------------------------------------
+    def _await_nodes(self, patience: float) -> None:
+        """Query nodes as they connect until every client id has one, or ``patience`` s."""
+        deadline = time.monotonic() + patience
+        while True:
+            self._refresh()
+            if len(self.nodes) == self.cfg.clients or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        log.info("%d of %d client ids have a node", len(self.nodes), self.cfg.clients)
+
+    def _refresh(self) -> None:
+        """Forget nodes that left; query the ones not seen before."""
+        alive = set(self.grid.get_node_ids())
+        self.nodes = {cid: n for cid, n in self.nodes.items() if n in alive}
+        new = sorted(alive - self.queried)
+        if new:
+            self._query(new)
+
+    def _query(self, node_ids: Iterable[int]) -> None:
+        node_ids = list(node_ids)
+        self.queried.update(node_ids)
+        out = [
+            Message(pack(run=self.key, config=self.toml), dst_node_id=n, message_type=QUERY)
+            for n in node_ids
+        ]
+        for answer in self.grid.send_and_receive(out, timeout=self.timeout):
+            node = answer.metadata.src_node_id
+            if answer.has_error():
+                log.warning("node %d: set-up failed: %s", node, answer.error.reason)
+                continue
+            try:
+                values = unpack(answer.content)
+                if "error" in values:
+                    raise ValueError(values["error"])
+                cid, have = int(values["partition"]), int(values["round"])
+                if not (0 <= cid < self.cfg.clients and 0 <= have <= self.server.round):
+                    raise ValueError(f"partition {cid} holding round {have} does not fit the run")
+            except (KeyError, TypeError, ValueError) as e:
+                log.warning("node %d: set-up refused: %s", node, e)
+                continue
+            if cid in self.nodes and self.nodes[cid] != node:
+                log.info("client %d: node %d replaces node %d", cid, node, self.nodes[cid])
+            self.nodes[cid] = node
+            self.server.mark_synced(cid, have)
+
+    # -- rounds ---------------------------------------------------------------------------
+    def run_round(self, rnd, lr, seeds, clients) -> RoundTraffic:
+        self._refresh()
+        traffic = RoundTraffic({})
+        todo = list(clients)
+        for attempt in range(2):  # a second pass for nodes that restarted or lost the run
+            again = self._exchange(rnd, lr, seeds, todo, traffic, final=attempt == 1)
+            if not again:
+                break
+            todo = again
+        return traffic
+
+    def _exchange(self, rnd, lr, seeds, todo, traffic: RoundTraffic, final: bool) -> list[int]:
+        """Send to each client in ``todo``; return the ones to ask once more."""
+        out, sent = [], {}
+        for cid in todo:
+            node = self.nodes.get(cid)
+            if node is None:
+                traffic.missing[cid] = "no node with this partition-id is connected"
+                continue
+            wire = [encode(m) for m in self.server.messages_for(cid, rnd, lr, seeds)]
+            traffic.bytes_down += sum(len(w) for w in wire)
+            msg = Message(
+                pack(run=self.key, messages=wire),
+                dst_node_id=node,
+                message_type=TRAIN,
+                group_id=str(rnd),
+            )
+            out.append(msg)
+            sent[node] = cid
+        answers = {
+            a.metadata.src_node_id: a for a in self.grid.send_and_receive(out, timeout=self.timeout)
+        }
+        again = []
+        for node, cid in sent.items():
+            answer = answers.get(node)
+            if answer is None:
+                traffic.missing[cid] = f"no reply within {self.timeout:g} s"
+            elif answer.has_error():
+                traffic.missing[cid] = f"node error: {answer.error.reason}"
+            else:
+                again += self._read(cid, node, answer, traffic, final)
+        return again
+
+    def _read(self, cid: int, node: int, answer: Message, traffic: RoundTraffic, final: bool):
+        try:
+            values = unpack(answer.content)
+        except ValueError as e:
+            traffic.missing[cid] = str(e)
+            return []
+        if "reply" in values and isinstance(values["reply"], bytes):
+            traffic.replies[cid] = values["reply"]
+            traffic.bytes_up += len(values["reply"])
+            traffic.missing.pop(cid, None)
+            return []
+        if not final and isinstance(values.get("behind"), int):
+            have = values["behind"]
+            if 0 <= have <= self.server.round:
+                log.info("client %d holds round %d: sending the rounds it misses", cid, have)
+                self.server.mark_synced(cid, have)
+                return [cid]
+        if not final and values.get("setup") is True:
+            self._query([node])
+            return [cid] if self.nodes.get(cid) == node else []
+        traffic.missing[cid] = f"unusable reply: {str(values)[:200]}"
+        return []

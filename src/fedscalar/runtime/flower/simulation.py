@@ -1,0 +1,62 @@
+"""`fedscalar run --runtime flower-simulation`: the Flower app in Flower's simulation engine.
+
+One virtual SuperNode per client id (``partition-id`` 0..clients-1), ClientApps on Ray
+workers; the ServerApp runs the usual training loop in this process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+from flwr.simulation import run_simulation
+
+from fedscalar.config import RunConfig
+from fedscalar.runtime.flower.app import client_app
+from fedscalar.runtime.flower.server import FlowerRuntime
+
+QUIET_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "RAY_DEDUP_LOGS": "0",
+}
+
+
+def simulate(cfg: RunConfig, *, resume: bool, progress: bool, workers: int | None = None):
+    """Run ``cfg`` (already resolved) on the simulation engine; return the `RunResult`."""
+    from fedscalar.runner import execute
+
+    for k, v in QUIET_ENV.items():
+        os.environ.setdefault(k, v)
+    outcome: dict[str, Any] = {}
+
+    server_app = ServerApp()
+
+    @server_app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            outcome["result"] = execute(
+                cfg, resume=resume, progress=progress, runtime=lambda r: FlowerRuntime(grid, r)
+            )
+        except BaseException as e:  # re-raised in the caller's thread below
+            outcome["error"] = e
+
+    cpus = workers or max(1, min(cfg.clients, os.cpu_count() or 1))
+    run_simulation(
+        server_app=server_app,
+        client_app=client_app,
+        num_supernodes=cfg.clients,
+        backend_config={
+            "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+            "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": "error"},
+        },
+        verbose_logging=logging.getLogger("fedscalar").isEnabledFor(logging.DEBUG),
+    )
+    if "error" in outcome:
+        raise outcome["error"]
+    if "result" not in outcome:
+        raise RuntimeError("the Flower simulation ended without running the server app")
+    return outcome["result"]
