@@ -180,7 +180,9 @@ def test_divergence_stops_cleanly_and_resumes_with_smaller_lr(tmp_path, monkeypa
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1
     assert (
-        "round 11: the client loss is not finite" in result.stderr and "--resume" in result.stderr
+        "round 11: 0 valid replies" in result.stderr
+        and "the client loss is not finite" in result.stderr
+        and "--resume" in result.stderr
     )
     assert "Traceback" not in result.output
     ledger = Ledger.open(out / "ledger.bin")

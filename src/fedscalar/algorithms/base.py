@@ -136,9 +136,9 @@ def check_round(kind: type, rnd: int, reply: Message) -> None:
         raise RejectedReply(f"reply for round {reply.round} in round {rnd} (stale or replayed)")
 
 
-def check_values(rnd: int, loss: float, values: np.ndarray) -> None:
+def check_values(loss: float, values: np.ndarray) -> None:
     """Reject a reply carrying a non-finite loss or value."""
     if not np.isfinite(loss):
-        raise RejectedReply(f"round {rnd}: the client loss is not finite", nonfinite=True)
+        raise RejectedReply("the client loss is not finite", nonfinite=True)
     if not np.isfinite(values).all():
-        raise RejectedReply(f"round {rnd}: a client value is not finite", nonfinite=True)
+        raise RejectedReply("a client value is not finite", nonfinite=True)

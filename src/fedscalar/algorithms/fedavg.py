@@ -68,7 +68,7 @@ class FedAvgServer(Server):
         check_round(DeltaReply, rnd, reply)
         if reply.values.size != self.space.numel:
             raise RejectedReply(f"a delta of {reply.values.size} values for {self.space.numel}")
-        check_values(rnd, reply.loss, reply.values)
+        check_values(reply.loss, reply.values)
 
     def aggregate(self, rnd, lr, seeds, replies):
         losses = []

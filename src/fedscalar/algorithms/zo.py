@@ -255,7 +255,7 @@ class ZOServer(Server):
             raise RejectedReply(
                 f"{reply.scalars.shape} scalars, expected {self._shape(seeds)} (K x P)"
             )
-        check_values(rnd, reply.loss, reply.scalars)
+        check_values(reply.loss, reply.scalars)
 
     def aggregate(self, rnd, lr, seeds, replies):
         rows, losses = [], []

@@ -1,9 +1,13 @@
 """The node side: a fedscalar client behind a Flower ClientApp.
 
-A process keeps one model per run, shared by every client id it serves (as in the local
-simulator), so memory does not grow with the number of virtual nodes a simulation
-worker hosts. A ZO model is a pure function of its base and the ledger: a new process
-(or a restarted node) reports the rounds it holds and the server sends the missing ones.
+A ClientApp process keeps one model per run, shared by every client id it serves (as in
+the local simulator), so memory does not grow with the number of virtual nodes a
+simulation worker hosts. Flower may start a new process for every message (a
+deployment's default), so the node also keeps, in its Flower ``context.state``, the
+run's config and the global updates its model has applied (28 bytes per round for K=1,
+P=5): a new process rebuilds the model and replays them, with no message to the server.
+A node that lost even that (a restarted SuperNode) reports the rounds it holds and the
+server sends the missing ones.
 """
 
 from __future__ import annotations
@@ -12,15 +16,22 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from flwr.app import Context, Message
+from flwr.app import ConfigRecord, Context, Message
 
 from fedscalar.algorithms import Client, make_client
 from fedscalar.algorithms.zo import ProtocolError, ZOClient
 from fedscalar.config import RunConfig, build_config_text
-from fedscalar.messages import CatchUp, MessageError, TrainRequest, decode, encode
+from fedscalar.messages import (
+    CatchUp,
+    GlobalUpdate,
+    MessageError,
+    TrainRequest,
+    decode,
+    encode,
+)
 from fedscalar.params import ParamSpace
 from fedscalar.runner import client_data, client_partitions, resolve_device
-from fedscalar.runtime.flower.protocol import pack, unpack
+from fedscalar.runtime.flower.protocol import RECORD, pack, unpack
 from fedscalar.tasks import build_task
 
 log = logging.getLogger("fedscalar")
@@ -28,7 +39,7 @@ log = logging.getLogger("fedscalar")
 
 @dataclass
 class Session:
-    """One run's model, task and client on this node."""
+    """One run's model, task and client in this process."""
 
     cfg: RunConfig
     task: Any
@@ -37,17 +48,14 @@ class Session:
 
     @property
     def round(self) -> int:
-        """Rounds applied to this node's model (FedAvg nodes get weights every round)."""
+        """Rounds applied to this process's model (FedAvg nodes get weights every round)."""
         return self.client.state.round if isinstance(self.client, ZOClient) else 0
 
 
 _SESSIONS: dict[str, Session] = {}
 
 
-def _session(run: str, toml: str | None) -> Session | None:
-    """This process's session for ``run``; built from ``toml`` if there is none yet."""
-    if run in _SESSIONS or toml is None:
-        return _SESSIONS.get(run)
+def _build(run: str, toml: str) -> Session:
     cfg = build_config_text(toml)
     task = build_task(cfg)
     space = ParamSpace(task.build_model(cfg.seed).to(resolve_device(cfg.device)))
@@ -55,6 +63,54 @@ def _session(run: str, toml: str | None) -> Session | None:
     _SESSIONS[run] = Session(cfg, task, client_partitions(cfg, task), make_client(cfg, space))
     log.info("node set up for run %s: %s on %s", run, cfg.algorithm, cfg.task)
     return _SESSIONS[run]
+
+
+# -- what the node remembers between processes (Flower keeps context.state per node) ----
+def _memory(context: Context) -> dict[str, Any]:
+    return dict(context.state[RECORD]) if RECORD in context.state else {}
+
+
+def _history(memory: dict[str, Any]) -> list[GlobalUpdate]:
+    blob = memory.get("history", b"")
+    if not blob:
+        return []
+    msg = decode(blob)
+    assert isinstance(msg, CatchUp)
+    return list(msg.updates)
+
+
+def _remember(context: Context, run: str, toml: str, history: list[GlobalUpdate]) -> None:
+    blob = encode(CatchUp(tuple(history))) if history else b""
+    context.state[RECORD] = ConfigRecord({"run": run, "config": toml, "history": blob})
+
+
+def _session(context: Context, run: str, toml: str | None) -> Session | None:
+    """This process's session for ``run``, rebuilt from the node's memory if needed."""
+    memory = _memory(context)
+    if memory.get("run") != run:
+        memory = {}
+    toml = toml or memory.get("config")
+    if toml is None:
+        return None
+    session = _SESSIONS.get(run) or _build(run, toml)
+    history = _history(memory)
+    if isinstance(session.client, ZOClient) and session.round < len(history):
+        session.client.catch_up(CatchUp(tuple(history)))
+    if not memory:
+        _remember(context, run, toml, [])
+    return session
+
+
+def _note_applied(context: Context, messages: list[Any]) -> None:
+    """Add the catch-up the node just applied to its memory."""
+    memory = _memory(context)
+    history = _history(memory)
+    for msg in messages:
+        if isinstance(msg, CatchUp):
+            for update in msg.updates:
+                if update.round == len(history) + 1:
+                    history.append(update)
+    _remember(context, memory["run"], memory["config"], history)
 
 
 def _partition(context: Context, session: Session) -> int:
@@ -79,15 +135,19 @@ def _rounds_assumed(messages: list[Any]) -> int:
     return 0  # a full state (or FedAvg's weights) fits any node
 
 
+def _error(message: Message, e: Exception) -> Message:
+    return Message(pack(error=f"{type(e).__name__}: {e}"), reply_to=message)
+
+
 def query(message: Message, context: Context) -> Message:
     """Set up (or find) the run's session; reply with this node's client id and round."""
     try:
         values = unpack(message.content)
-        session = _session(str(values["run"]), str(values["config"]))
+        session = _session(context, str(values["run"]), str(values["config"]))
         assert session is not None
         pid = _partition(context, session)
     except Exception as e:  # the reason goes back to the server, which logs it
-        return Message(pack(error=f"{type(e).__name__}: {e}"), reply_to=message)
+        return _error(message, e)
     return Message(pack(partition=pid, round=session.round), reply_to=message)
 
 
@@ -95,7 +155,7 @@ def train(message: Message, context: Context) -> Message:
     """Decode the round's messages, run the client, reply with its encoded message."""
     try:
         values = unpack(message.content)
-        session = _session(str(values["run"]), None)
+        session = _session(context, str(values["run"]), None)
         if session is None:
             return Message(pack(setup=True), reply_to=message)
         pid = _partition(context, session)
@@ -104,6 +164,7 @@ def train(message: Message, context: Context) -> Message:
             return Message(pack(behind=session.round), reply_to=message)
         data = client_data(session.cfg, session.task, session.parts[pid], pid)
         reply = session.client.handle(messages, data)
+        _note_applied(context, messages)
         return Message(pack(reply=encode(reply)), reply_to=message)
     except (MessageError, ProtocolError, ValueError, KeyError, TypeError) as e:
-        return Message(pack(error=f"{type(e).__name__}: {e}"), reply_to=message)
+        return _error(message, e)

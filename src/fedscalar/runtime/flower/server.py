@@ -49,6 +49,7 @@ class FlowerRuntime(Runtime):
     def _refresh(self) -> None:
         """Forget nodes that left; query the ones not seen before."""
         alive = set(self.grid.get_node_ids())
+        log.debug("nodes connected: %s", sorted(alive))
         self.nodes = {cid: n for cid, n in self.nodes.items() if n in alive}
         new = sorted(alive - self.queried)
         if new:
@@ -61,7 +62,9 @@ class FlowerRuntime(Runtime):
             Message(pack(run=self.key, config=self.toml), dst_node_id=n, message_type=QUERY)
             for n in node_ids
         ]
-        for answer in self.grid.send_and_receive(out, timeout=self.timeout):
+        answers = list(self.grid.send_and_receive(out, timeout=self.timeout))
+        log.debug("set-up: %d of %d nodes answered", len(answers), len(out))
+        for answer in answers:
             node = answer.metadata.src_node_id
             if answer.has_error():
                 log.warning("node %d: set-up failed: %s", node, answer.error.reason)
@@ -76,8 +79,7 @@ class FlowerRuntime(Runtime):
             except (KeyError, TypeError, ValueError) as e:
                 log.warning("node %d: set-up refused: %s", node, e)
                 continue
-            if cid in self.nodes and self.nodes[cid] != node:
-                log.info("client %d: node %d replaces node %d", cid, node, self.nodes[cid])
+            log.info("client %d: node %d set up, holding round %d", cid, node, have)
             self.nodes[cid] = node
             self.server.mark_synced(cid, have)
 

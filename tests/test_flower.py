@@ -1,0 +1,168 @@
+"""The Flower runtime gives the local simulator's results, node restarts included."""
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("flwr")
+
+from flwr.app import Context, Error, Message, RecordDict
+
+from fedscalar import RunConfig, run
+from fedscalar.rundir import RunDir
+from fedscalar.runtime.flower import client
+from fedscalar.runtime.flower.protocol import pack
+from fedscalar.runtime.flower.server import FlowerRuntime
+
+SMALL = dict(task="digits", clients=4, sampled=2, eval_every=5, batch_size=16)
+
+
+@pytest.fixture
+def server_identity(monkeypatch):
+    """Flower stamps new messages with the sending process's identity (set by its runtime)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 0)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+class FakeGrid:
+    """An in-process stand-in for Flower's Grid: nodes answer through the ClientApp code.
+
+    ``fresh_process`` drops the in-memory model before every message, as a deployment's
+    new ClientApp process per message does; only ``context.state`` survives.
+    """
+
+    def __init__(self, clients: int, fresh_process: bool = True):
+        self.contexts = {100 + i: self._context(100 + i, i, clients) for i in range(clients)}
+        self.fresh_process, self.rounds_seen, self.hooks = fresh_process, set(), {}
+        self.sent = []
+
+    @staticmethod
+    def _context(node: int, pid: int, clients: int) -> Context:
+        config = {"partition-id": pid, "num-partitions": clients}
+        return Context(
+            run_id=1, node_id=node, node_config=config, state=RecordDict(), run_config={}
+        )
+
+    def restart(self, pid: int, new_node: int) -> None:
+        """The node serving ``pid`` restarts: a new node id, its memory gone."""
+        old = next(n for n, c in self.contexts.items() if c.node_config["partition-id"] == pid)
+        clients = self.contexts[old].node_config["num-partitions"]
+        del self.contexts[old]
+        self.contexts[new_node] = self._context(new_node, pid, clients)
+        client._SESSIONS.clear()
+
+    def get_node_ids(self):
+        return list(self.contexts)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        replies = []
+        for msg in messages:
+            meta = msg.metadata
+            if meta.group_id and meta.group_id not in self.rounds_seen:
+                self.rounds_seen.add(meta.group_id)
+                if meta.group_id in self.hooks:
+                    self.hooks.pop(meta.group_id)(self)
+            context = self.contexts.get(meta.dst_node_id)
+            if context is None:
+                continue  # a dead node: no reply within the timeout
+            if self.fresh_process:
+                client._SESSIONS.clear()
+            handler = client.query if meta.message_type == "query" else client.train
+            self.sent.append((meta.message_type, context.node_config["partition-id"]))
+            replies.append(handler(msg, context))
+        return replies
+
+
+def _run_on(grid, cfg):
+    client._SESSIONS.clear()
+    return run(cfg, runtime=lambda r: FlowerRuntime(grid, r))
+
+
+def _same_run(a, b):
+    assert (a / "ledger.bin").read_bytes() == (b / "ledger.bin").read_bytes()
+    wa, _ = RunDir.load_tensors(RunDir(a).checkpoint)
+    wb, _ = RunDir.load_tensors(RunDir(b).checkpoint)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("algorithm", ["decomfl", "hiso", "fedavg"])
+@pytest.mark.usefixtures("server_identity")
+def test_flower_runtime_matches_the_local_simulator(tmp_path, algorithm):
+    cfg = RunConfig(algorithm=algorithm, rounds=8, **SMALL)
+    run(cfg.model_copy(update={"out": str(tmp_path / "local")}))
+    grid = FakeGrid(4)
+    _run_on(grid, cfg.model_copy(update={"out": str(tmp_path / "flower"), "runtime": "flower"}))
+    _same_run(tmp_path / "local", tmp_path / "flower")
+    # a new process per message rebuilt the model from the node's memory: no extra messages
+    assert sum(1 for kind, _ in grid.sent if kind == "train") == 8 * 2
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_a_restarted_node_catches_up_by_replay(tmp_path):
+    from tests.test_replies import Faulty
+
+    cfg = RunConfig(algorithm="hiso", rounds=10, clients=3, sampled=3, eval_every=5)
+    # the node serving client 1 dies during round 5 (its reply is lost) and comes back
+    # with a new node id and no memory; the same run locally, with that reply missing:
+    local = tmp_path / "local"
+    missing = lambda rnd, cid, attempt: "missing" if (rnd, cid) == (5, 1) else None  # noqa: E731
+    run(cfg.model_copy(update={"out": str(local)}), runtime=lambda r: Faulty(r, missing))
+    grid = FakeGrid(3)
+    grid.hooks["5"] = lambda g: g.restart(pid=1, new_node=900)
+    out = tmp_path / "flower"
+    _run_on(grid, cfg.model_copy(update={"out": str(out), "runtime": "flower"}))
+    _same_run(local, out)
+    assert "client 1: node 900 set up, holding round 0" in (out / "run.log").read_text()
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert (metrics[5]["replies"], metrics[5]["rejected"]) == (2, 1)
+    assert all(m["replies"] == 3 for m in metrics[6:])
+    # round 6: the new node gets rounds 1-5 (11 + 5 x 28 B), the others round 5 only
+    assert metrics[6]["bytes_down"] == (11 + 5 * 28 + 14) + 2 * (11 + 28 + 14)
+
+
+class Hostile(FakeGrid):
+    """Node 101 (client 1) answers train messages with ``answer(message)``."""
+
+    def __init__(self, clients, answer):
+        super().__init__(clients)
+        self.answer = answer
+
+    def send_and_receive(self, messages, *, timeout=None):
+        honest = [m for m in messages if not self._hostile(m)]
+        replies = list(super().send_and_receive(honest, timeout=timeout))
+        return replies + [self.answer(m) for m in messages if self._hostile(m)]
+
+    @staticmethod
+    def _hostile(m):
+        return m.metadata.dst_node_id == 101 and m.metadata.message_type == "train"
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        (lambda m: Message(RecordDict(), reply_to=m), "message without a 'fedscalar' record"),
+        (lambda m: Message(Error(code=5, reason="boom"), reply_to=m), "node error: boom"),
+        (lambda m: Message(pack(reply="not bytes"), reply_to=m), "unusable reply"),
+        (lambda m: Message(pack(behind=10**6), reply_to=m), "unusable reply"),
+    ],
+)
+@pytest.mark.usefixtures("server_identity")
+def test_a_hostile_node_is_left_out(tmp_path, answer, reason):
+    out = tmp_path / "r"
+    cfg = RunConfig(rounds=4, clients=3, sampled=3, eval_every=4, runtime="flower", out=str(out))
+    _run_on(Hostile(3, answer), cfg)
+    log = (out / "run.log").read_text()
+    assert f"client 1 left out: {reason}" in log
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["replies"] == 2 and m["rejected"] == 1 for m in metrics[1:])
+
+
+@pytest.mark.parametrize("algorithm", ["decomfl", "hiso"])
+def test_flower_simulation_engine_matches_the_local_simulator(tmp_path, algorithm):
+    cfg = RunConfig(algorithm=algorithm, rounds=6, **SMALL)
+    run(cfg.model_copy(update={"out": str(tmp_path / "local")}))
+    run(cfg.model_copy(update={"out": str(tmp_path / "sim"), "runtime": "flower-simulation"}))
+    _same_run(tmp_path / "local", tmp_path / "sim")
