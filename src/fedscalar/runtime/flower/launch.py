@@ -1,0 +1,218 @@
+"""A Flower deployment on this machine: one SuperLink and N SuperNodes on loopback.
+
+For trying the deployment path, for tests and for benchmarks; a real deployment starts
+the same commands on separate machines (docs/deployment.md). Every process is started in
+its own process group and stopped by PID, also when the caller fails.
+
+    with LocalDeployment(nodes=3, home=tmp) as dep:
+        dep.submit(config_toml, out)          # `flwr run` of the fedscalar app
+        dep.kill_node(1); dep.start_node(1)    # a node crashes and comes back
+        dep.wait_for(out)                      # until summary.json says it ended
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+APP_DIR = Path(__file__).resolve().parents[4] / "flower-app"
+"""The Flower app project (pyproject.toml naming fedscalar's ServerApp and ClientApp)."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class DeploymentError(RuntimeError):
+    pass
+
+
+class LocalDeployment:
+    def __init__(
+        self, nodes: int, home: Path, app_dir: Path = APP_DIR, env: dict[str, str] | None = None
+    ):
+        self.n, self.home, self.app_dir = nodes, Path(home), Path(app_dir)
+        self.logs = self.home / "logs"
+        bindir = str(Path(sys.executable).parent)
+        self.env = {
+            **os.environ,
+            "FLWR_HOME": str(self.home / "flwr"),
+            "FLWR_TELEMETRY_ENABLED": "0",
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
+            **(env or {}),
+        }
+        self.bin = Path(bindir)
+        self.link_port = 0
+        self.fleet_address: str | None = None
+        """Where SuperNodes connect (default: the SuperLink; a proxy can sit in between)."""
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    # -- processes ------------------------------------------------------------------------
+    def _spawn(self, name: str, args: list[str]) -> None:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115 (closed with the process)
+        self.procs[name] = subprocess.Popen(
+            args, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        log.close()
+
+    @staticmethod
+    def group_members(pgid: int) -> list[int]:
+        """Live (not zombie) processes of process group ``pgid`` (Linux /proc)."""
+        members = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] != "Z" and int(fields[2]) == pgid:
+                members.append(int(stat.parent.name))
+        return members
+
+    def _stop(self, name: str, sig: int = signal.SIGTERM, wait: float = 10.0) -> None:
+        """Signal the process group of ``name``; SIGKILL what is left after ``wait`` s."""
+        proc = self.procs.pop(name, None)
+        if proc is None:
+            return
+        deadline = time.monotonic() + wait
+        for signum in (sig, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, signum)
+            except ProcessLookupError:
+                break
+            while self.group_members(proc.pid) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            if not self.group_members(proc.pid):
+                break
+            deadline = time.monotonic() + wait
+        proc.wait(timeout=wait)
+
+    def start(self, nodes: bool = True) -> LocalDeployment:
+        """Start the SuperLink and (unless ``nodes`` is False) the SuperNodes."""
+        self.link_port = free_port()
+        self._spawn(
+            "superlink",
+            [
+                str(self.bin / "flower-superlink"),
+                "--insecure",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.link_port),
+                "--disable-runtime-dependency-installation",
+            ],
+        )
+        self._await_health()
+        (self.home / "flwr").mkdir(parents=True, exist_ok=True)
+        (self.home / "flwr" / "config.toml").write_text(
+            '[superlink]\ndefault = "local-deployment"\n\n[superlink.local-deployment]\n'
+            f'address = "127.0.0.1:{self.link_port}"\ninsecure = true\n'
+        )
+        if nodes:
+            for i in range(self.n):
+                self.start_node(i)
+        return self
+
+    def _await_health(self, patience: float = 60.0) -> None:
+        deadline = time.monotonic() + patience
+        while time.monotonic() < deadline:
+            if self.procs["superlink"].poll() is not None:
+                raise DeploymentError(f"the SuperLink exited; see {self.logs / 'superlink.log'}")
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{self.link_port}/health", timeout=1)
+                return
+            except OSError:
+                time.sleep(0.2)
+        raise DeploymentError("the SuperLink did not come up within a minute")
+
+    def start_node(self, i: int) -> None:
+        """Start (or restart) the SuperNode serving client id ``i``."""
+        self._spawn(
+            f"supernode{i}",
+            [
+                str(self.bin / "flower-supernode"),
+                "--insecure",
+                "--superlink",
+                self.fleet_address or f"127.0.0.1:{self.link_port}",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(free_port()),
+                "--node-config",
+                f"partition-id={i} num-partitions={self.n}",
+            ],
+        )
+
+    def kill_node(self, i: int, sig: int = signal.SIGKILL) -> None:
+        self._stop(f"supernode{i}", sig)
+
+    def stop(self) -> None:
+        for name in [n for n in self.procs if n != "superlink"] + ["superlink"]:
+            self._stop(name)
+
+    def __enter__(self) -> LocalDeployment:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- runs -----------------------------------------------------------------------------
+    def submit(self, config: Path, out: Path, resume: bool = False) -> str:
+        """``flwr run`` the fedscalar app with this run config; returns Flower's output."""
+        overrides = f'config="{Path(config).resolve()}" out="{Path(out).resolve()}"'
+        if resume:
+            overrides += " resume=true"
+        done = subprocess.run(
+            [
+                str(self.bin / "flwr"),
+                "run",
+                str(self.app_dir),
+                "local-deployment",
+                "--run-config",
+                overrides,
+            ],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        if done.returncode != 0:
+            raise DeploymentError(f"flwr run failed: {done.stdout}{done.stderr}")
+        return done.stdout
+
+    @staticmethod
+    def wait_for(out: Path, patience: float = 600.0) -> dict:
+        """Wait until the run in ``out`` writes its summary; return it."""
+        summary = Path(out) / "summary.json"
+        deadline = time.monotonic() + patience
+        while time.monotonic() < deadline:
+            if summary.exists():
+                try:
+                    return json.loads(summary.read_text())
+                except json.JSONDecodeError:
+                    pass  # being written
+            time.sleep(0.5)
+        raise DeploymentError(f"no summary in {out} after {patience:g} s")
+
+    @staticmethod
+    def rounds_done(out: Path) -> int:
+        metrics = Path(out) / "metrics.jsonl"
+        if not metrics.exists():
+            return 0
+        lines = [x for x in metrics.read_text().splitlines() if x.strip()]
+        return json.loads(lines[-1])["round"] if lines else 0
