@@ -87,7 +87,7 @@ def measure(nodes: int, rounds: int, env: dict[str, str], idle_s: float) -> dict
             while len(marks) < rounds:
                 done = dep.rounds_done(out)
                 if done >= 1 and done not in marks:
-                    marks[done] = (time.monotonic(), *proxy.snapshot())
+                    marks[done] = proxy.snapshot()
                 if (out / "summary.json").exists() and done == rounds:
                     break
                 time.sleep(0.02)
@@ -97,7 +97,7 @@ def measure(nodes: int, rounds: int, env: dict[str, str], idle_s: float) -> dict
         metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     first, last = min(marks), max(marks)
     n_rounds = last - first
-    (t0, up0, down0), (t1, up1, down1) = marks[first], marks[last]
+    (up0, down0), (up1, down1) = marks[first], marks[last]
     trained = [m for m in metrics if first < m["round"] <= last]
     payload_up = sum(m["bytes_up"] for m in trained) / n_rounds / nodes
     payload_down = sum(m["bytes_down"] for m in trained) / n_rounds / nodes
