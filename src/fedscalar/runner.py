@@ -438,6 +438,7 @@ class _Run:
             "final_test_loss": next(
                 (h["test_loss"] for h in reversed(history) if "test_loss" in h), None
             ),
+            "bytes_counted": "payload: encoded fedscalar messages, without transport framing",
             "bytes_up_total": last["bytes_up_cumulative"],
             "bytes_down_total": last["bytes_down_cumulative"],
             "bytes_up_per_client_round": last["bytes_up_cumulative"] / contacts,
