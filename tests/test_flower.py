@@ -37,7 +37,7 @@ class FakeGrid:
     def __init__(self, clients: int, fresh_process: bool = True):
         self.contexts = {100 + i: self._context(100 + i, i, clients) for i in range(clients)}
         self.fresh_process, self.rounds_seen, self.hooks = fresh_process, set(), {}
-        self.sent = []
+        self.sent, self.held, self.pushed = [], {}, 0
 
     @staticmethod
     def _context(node: int, pid: int, clients: int) -> Context:
@@ -57,7 +57,22 @@ class FakeGrid:
     def get_node_ids(self):
         return list(self.contexts)
 
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            self.pushed += 1
+            msg.metadata.__dict__["_message_id"] = f"m{self.pushed}"
+            ids.append(msg.metadata.message_id)
+            self.held.update({r.metadata.reply_to_message_id: r for r in self._deliver([msg])})
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.held.pop(i) for i in message_ids if i in self.held]
+
     def send_and_receive(self, messages, *, timeout=None):
+        return self._deliver(messages)
+
+    def _deliver(self, messages):
         replies = []
         for msg in messages:
             meta = msg.metadata

@@ -33,11 +33,12 @@ class FlowerRuntime(Runtime):
         self.timeout = run.cfg.reply_timeout
         self.nodes: dict[int, int] = {}  # client id -> node id
         self.queried: set[int] = set()
+        self.pending: dict[str, int] = {}  # set-up query message id -> node id
         self._await_nodes(self.timeout if wait_for_nodes is None else wait_for_nodes)
 
     # -- nodes ----------------------------------------------------------------------------
     def _await_nodes(self, patience: float) -> None:
-        """Query nodes as they connect until every client id has one, or ``patience`` s."""
+        """Set up nodes as they connect until every client id has one, or ``patience`` s."""
         deadline = time.monotonic() + patience
         while True:
             self._refresh()
@@ -47,41 +48,53 @@ class FlowerRuntime(Runtime):
         log.info("%d of %d client ids have a node", len(self.nodes), self.cfg.clients)
 
     def _refresh(self) -> None:
-        """Forget nodes that left; query the ones not seen before."""
+        """Forget nodes that left; ask new ones who they are; read answers that arrived.
+
+        Set-up queries are not waited for: a node whose ClientApp starts slowly answers
+        later, and its answer is read at the next refresh (every round).
+        """
         alive = set(self.grid.get_node_ids())
         log.debug("nodes connected: %s", sorted(alive))
         self.nodes = {cid: n for cid, n in self.nodes.items() if n in alive}
         new = sorted(alive - self.queried)
         if new:
-            self._query(new)
+            self.queried.update(new)
+            ids = self.grid.push_messages([self._query_message(n) for n in new])
+            self.pending.update(dict(zip(ids, new, strict=True)))
+        if self.pending:
+            for answer in self.grid.pull_messages(list(self.pending)):
+                self.pending.pop(answer.metadata.reply_to_message_id, None)
+                self._adopt(answer)
+
+    def _query_message(self, node: int) -> Message:
+        return Message(pack(run=self.key, config=self.toml), dst_node_id=node, message_type=QUERY)
 
     def _query(self, node_ids: Iterable[int]) -> None:
-        node_ids = list(node_ids)
-        self.queried.update(node_ids)
-        out = [
-            Message(pack(run=self.key, config=self.toml), dst_node_id=n, message_type=QUERY)
-            for n in node_ids
-        ]
-        answers = list(self.grid.send_and_receive(out, timeout=self.timeout))
-        log.debug("set-up: %d of %d nodes answered", len(answers), len(out))
-        for answer in answers:
-            node = answer.metadata.src_node_id
-            if answer.has_error():
-                log.warning("node %d: set-up failed: %s", node, answer.error.reason)
-                continue
-            try:
-                values = unpack(answer.content)
-                if "error" in values:
-                    raise ValueError(values["error"])
-                cid, have = int(values["partition"]), int(values["round"])
-                if not (0 <= cid < self.cfg.clients and 0 <= have <= self.server.round):
-                    raise ValueError(f"partition {cid} holding round {have} does not fit the run")
-            except (KeyError, TypeError, ValueError) as e:
-                log.warning("node %d: set-up refused: %s", node, e)
-                continue
-            log.info("client %d: node %d set up, holding round %d", cid, node, have)
-            self.nodes[cid] = node
-            self.server.mark_synced(cid, have)
+        """Ask nodes who they are and wait for the answers (at most ``reply_timeout`` s)."""
+        out = [self._query_message(n) for n in node_ids]
+        self.queried.update(m.metadata.dst_node_id for m in out)
+        for answer in self.grid.send_and_receive(out, timeout=self.timeout):
+            self._adopt(answer)
+
+    def _adopt(self, answer: Message) -> None:
+        """Map the answering node to the client id it serves, at the round it holds."""
+        node = answer.metadata.src_node_id
+        if answer.has_error():
+            log.warning("node %d: set-up failed: %s", node, answer.error.reason)
+            return
+        try:
+            values = unpack(answer.content)
+            if "error" in values:
+                raise ValueError(values["error"])
+            cid, have = int(values["partition"]), int(values["round"])
+            if not (0 <= cid < self.cfg.clients and 0 <= have <= self.server.round):
+                raise ValueError(f"partition {cid} holding round {have} does not fit the run")
+        except (KeyError, TypeError, ValueError) as e:
+            log.warning("node %d: set-up refused: %s", node, e)
+            return
+        log.info("client %d: node %d set up, holding round %d", cid, node, have)
+        self.nodes[cid] = node
+        self.server.mark_synced(cid, have)
 
     # -- rounds ---------------------------------------------------------------------------
     def run_round(self, rnd, lr, seeds, clients) -> RoundTraffic:
