@@ -1,6 +1,7 @@
 """The Flower runtime gives the local simulator's results, node restarts included."""
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -113,6 +114,28 @@ def test_flower_runtime_matches_the_local_simulator(tmp_path, algorithm):
     _same_run(tmp_path / "local", tmp_path / "flower")
     # a new process per message rebuilt the model from the node's memory: no extra messages
     assert sum(1 for kind, _ in grid.sent if kind == "train") == 8 * 2
+
+
+@pytest.mark.usefixtures("server_identity")
+@pytest.mark.parametrize("lose_snapshots", [False, True])
+def test_nodes_snapshot_their_model_and_replay_a_short_tail(tmp_path, monkeypatch, lose_snapshots):
+    monkeypatch.setattr(client, "SNAPSHOT_EVERY", 3)
+    monkeypatch.setenv("FEDSCALAR_CACHE", str(tmp_path / "cache"))
+    cfg = RunConfig(algorithm="hiso", rounds=12, **SMALL)
+    run(cfg.model_copy(update={"out": str(tmp_path / "local")}))
+    grid = FakeGrid(4)
+    if lose_snapshots:  # a node's disk cache is wiped: it falls back to the server's catch-up
+        grid.hooks["9"] = lambda g: shutil.rmtree(tmp_path / "cache" / "flower")
+    out = tmp_path / "flower"
+    _run_on(grid, cfg.model_copy(update={"out": str(out), "runtime": "flower"}))
+    _same_run(tmp_path / "local", out)
+    snapshots = list((tmp_path / "cache" / "flower").glob("*.safetensors"))
+    assert snapshots and all("client" in p.name for p in snapshots)
+    for context in grid.contexts.values():  # memory holds only the tail after the snapshot
+        memory = client._memory(context)
+        assert len(client._history(memory)) < 3 + 1 + 2  # < SNAPSHOT_EVERY + one catch-up
+    extra = sum(1 for kind, _ in grid.sent if kind == "train") - 12 * 2
+    assert extra == 0 if not lose_snapshots else extra > 0
 
 
 @pytest.mark.usefixtures("server_identity")

@@ -64,6 +64,22 @@ class ZOState:
             else None
         )
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The weights, and H as ``curvature::<name>`` for HiSo (a checkpoint's content)."""
+        out = self.space.state()
+        if self.curvature is not None:
+            names = self.space.names
+            out.update({f"curvature::{n}": h for n, h in zip(names, self.curvature, strict=True)})
+        return out
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor], rnd: int) -> None:
+        """Restore what `tensors` returned, as of round ``rnd``."""
+        self.space.load_state_(tensors)
+        if self.curvature is not None:
+            for n, h in zip(self.space.names, self.curvature, strict=True):
+                h.copy_(tensors[f"curvature::{n}"])
+        self.round = rnd
+
 
 class ZOAlgorithm:
     """DeComFL (``hiso=False``) or HiSo (``hiso=True``): the math shared by all parties."""
@@ -290,19 +306,7 @@ class ZOServer(Server):
         self.algo.apply(self.state, update)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        out = self.space.state()
-        if self.state.curvature is not None:
-            out.update(
-                {
-                    f"curvature::{n}": h
-                    for n, h in zip(self.space.names, self.state.curvature, strict=True)
-                }
-            )
-        return out
+        return self.state.tensors()
 
     def load_state_tensors(self, tensors, rnd) -> None:
-        self.space.load_state_(tensors)
-        if self.state.curvature is not None:
-            for n, h in zip(self.space.names, self.state.curvature, strict=True):
-                h.copy_(tensors[f"curvature::{n}"])
-        self.state.round = rnd
+        self.state.load_tensors(tensors, rnd)

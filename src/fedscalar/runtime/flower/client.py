@@ -6,14 +6,18 @@ simulation worker hosts. Flower may start a new process for every message (a
 deployment's default), so the node also keeps, in its Flower ``context.state``, the
 run's config and the global updates its model has applied (28 bytes per round for K=1,
 P=5): a new process rebuilds the model and replays them, with no message to the server.
-A node that lost even that (a restarted SuperNode) reports the rounds it holds and the
-server sends the missing ones.
+Every `SNAPSHOT_EVERY` rounds the node writes its model state to a local file
+(``cache-dir`` in its node config, default ``$FEDSCALAR_CACHE/flower``) and keeps only the
+updates after it, so a new process loads the snapshot and replays a bounded tail. A node
+that lost even that (a restarted SuperNode) reports the rounds it holds and the server
+sends the missing ones.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message
@@ -30,9 +34,14 @@ from fedscalar.messages import (
     encode,
 )
 from fedscalar.params import ParamSpace
+from fedscalar.rundir import RunDir
 from fedscalar.runner import client_data, client_partitions, resolve_device
 from fedscalar.runtime.flower.protocol import RECORD, pack, unpack
 from fedscalar.tasks import build_task
+from fedscalar.tasks.hf import cache_dir
+
+SNAPSHOT_EVERY = 50
+"""Rounds of updates a node keeps in its memory before writing a state snapshot."""
 
 log = logging.getLogger("fedscalar")
 
@@ -71,6 +80,7 @@ def _memory(context: Context) -> dict[str, Any]:
 
 
 def _history(memory: dict[str, Any]) -> list[GlobalUpdate]:
+    """The updates applied after the snapshot (rounds snapshot+1 ... in order)."""
     blob = memory.get("history", b"")
     if not blob:
         return []
@@ -79,9 +89,14 @@ def _history(memory: dict[str, Any]) -> list[GlobalUpdate]:
     return list(msg.updates)
 
 
-def _remember(context: Context, run: str, toml: str, history: list[GlobalUpdate]) -> None:
-    blob = encode(CatchUp(tuple(history))) if history else b""
-    context.state[RECORD] = ConfigRecord({"run": run, "config": toml, "history": blob})
+def _remember(context: Context, memory: dict[str, Any], history: list[GlobalUpdate]) -> None:
+    memory = {**memory, "history": encode(CatchUp(tuple(history))) if history else b""}
+    context.state[RECORD] = ConfigRecord(memory)
+
+
+def _snapshot_path(context: Context, run: str) -> Path:
+    folder = Path(str(context.node_config.get("cache-dir", "") or cache_dir() / "flower"))
+    return folder / f"{run}-client{context.node_config.get('partition-id', 'x')}.safetensors"
 
 
 def _session(context: Context, run: str, toml: str | None) -> Session | None:
@@ -93,24 +108,51 @@ def _session(context: Context, run: str, toml: str | None) -> Session | None:
     if toml is None:
         return None
     session = _SESSIONS.get(run) or _build(run, toml)
-    history = _history(memory)
-    if isinstance(session.client, ZOClient) and session.round < len(history):
-        session.client.catch_up(CatchUp(tuple(history)))
     if not memory:
-        _remember(context, run, toml, [])
+        memory = {"run": run, "config": toml, "snapshot": 0}
+        _remember(context, memory, [])
+        return session
+    client, snap = session.client, int(memory.get("snapshot", 0))
+    if isinstance(client, ZOClient):
+        if client.state.round < snap:
+            path = _snapshot_path(context, run)
+            try:
+                tensors, meta = RunDir.load_tensors(path)
+                if int(meta["round"]) != snap:
+                    raise ValueError(f"it holds round {meta['round']}, not {snap}")
+                client.state.load_tensors(tensors, snap)
+            except Exception as e:  # unreadable: forget it; the server resends what is missing
+                log.warning("node snapshot %s unusable (%s); asking the server", path, e)
+                _remember(context, {"run": run, "config": toml, "snapshot": 0}, [])
+                return session
+        history = _history(memory)
+        if history and client.state.round < history[-1].round:
+            client.catch_up(CatchUp(tuple(history)))
     return session
 
 
-def _note_applied(context: Context, messages: list[Any]) -> None:
-    """Add the catch-up the node just applied to its memory."""
+def _note_applied(context: Context, session: Session, messages: list[Any]) -> None:
+    """Add the catch-up the node just applied to its memory; snapshot now and then."""
     memory = _memory(context)
     history = _history(memory)
+    applied = int(memory.get("snapshot", 0)) + len(history)
     for msg in messages:
         if isinstance(msg, CatchUp):
             for update in msg.updates:
-                if update.round == len(history) + 1:
+                if update.round == applied + 1:
                     history.append(update)
-    _remember(context, memory["run"], memory["config"], history)
+                    applied += 1
+    client = session.client
+    if (
+        isinstance(client, ZOClient)
+        and len(history) >= SNAPSHOT_EVERY
+        and client.state.round == applied
+    ):
+        path = _snapshot_path(context, str(memory["run"]))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        RunDir.save_tensors(path, client.state.tensors(), {"round": str(applied)})
+        memory["snapshot"], history = applied, []
+    _remember(context, memory, history)
 
 
 def _partition(context: Context, session: Session) -> int:
@@ -164,7 +206,7 @@ def train(message: Message, context: Context) -> Message:
             return Message(pack(behind=session.round), reply_to=message)
         data = client_data(session.cfg, session.task, session.parts[pid], pid)
         reply = session.client.handle(messages, data)
-        _note_applied(context, messages)
+        _note_applied(context, session, messages)
         return Message(pack(reply=encode(reply)), reply_to=message)
     except (MessageError, ProtocolError, ValueError, KeyError, TypeError) as e:
         return _error(message, e)
