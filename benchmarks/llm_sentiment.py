@@ -98,7 +98,12 @@ def main() -> None:
         )
     if target is not None and "hiso" in rows:
         hit = next(
-            (m["round"] for m in rows["hiso"][0] if m.get("test_accuracy", 0) >= target), None
+            (
+                m["round"]
+                for m in rows["hiso"][0]
+                if m["round"] > 0 and m.get("test_accuracy", 0) >= target
+            ),
+            None,
         )
         print(
             f"\nHiSo first reaches DeComFL's final accuracy ({target:.3f}) at round {hit} "
