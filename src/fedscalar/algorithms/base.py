@@ -81,7 +81,7 @@ class Server(ABC):
     def aggregate(
         self, rnd: int, lr: float, seeds: tuple[int, ...], replies: dict[int, Message]
     ) -> tuple[GlobalUpdate, float]:
-        """Apply the round's update from checked replies; return it and the mean train loss.
+        """Apply the round's update from replies `accept` passed; return it and the mean loss.
 
         Raises `Diverged` (and leaves the global state unchanged) if the weights would
         become non-finite.

@@ -22,6 +22,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from fedscalar.runtime.flower import QUIET_ENV
+
 APP_DIR = Path(__file__).resolve().parents[4] / "flower-app"
 """The Flower app project (pyproject.toml naming fedscalar's ServerApp and ClientApp)."""
 
@@ -46,9 +48,7 @@ class LocalDeployment:
         self.env = {
             **os.environ,
             "FLWR_HOME": str(self.home / "flwr"),
-            "FLWR_TELEMETRY_ENABLED": "0",
-            "FLWR_DISABLE_UPDATE_CHECK": "1",
-            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            **QUIET_ENV,
             "PATH": bindir + os.pathsep + os.environ.get("PATH", ""),
             **(env or {}),
         }

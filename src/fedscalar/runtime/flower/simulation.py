@@ -15,21 +15,16 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 from fedscalar.config import RunConfig
+from fedscalar.runtime.flower import QUIET_ENV
 from fedscalar.runtime.flower.app import client_app
 from fedscalar.runtime.flower.server import FlowerRuntime
-
-QUIET_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "RAY_DEDUP_LOGS": "0",
-}
 
 
 def simulate(cfg: RunConfig, *, resume: bool, progress: bool, workers: int | None = None):
     """Run ``cfg`` (already resolved) on the simulation engine; return the `RunResult`."""
     from fedscalar.runner import execute
 
-    for k, v in QUIET_ENV.items():
+    for k, v in {**QUIET_ENV, "RAY_DEDUP_LOGS": "0"}.items():
         os.environ.setdefault(k, v)
     outcome: dict[str, Any] = {}
 
