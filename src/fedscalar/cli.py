@@ -124,6 +124,89 @@ def run(
 
 
 @app.command()
+def compare(
+    out: Annotated[
+        Path,
+        typer.Option("--out", help="Comparison folder (re-run to resume).", show_default=False),
+    ],
+    algorithms: Annotated[
+        str | None,
+        typer.Option(
+            "--algorithms", help="Comma-separated algorithms to compare.", show_default=False
+        ),
+    ] = None,
+    seeds: Annotated[
+        str | None, typer.Option("--seeds", help="Comma-separated run seeds (default: 0).")
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option("--config", help="TOML comparison file ([run] and [algorithm.<name>])."),
+    ] = None,
+    target: Annotated[
+        float | None,
+        typer.Option(
+            "--target",
+            help="Accuracy for 'rounds to target' (default: the lowest final mean accuracy).",
+            show_default=False,
+        ),
+    ] = None,
+    jobs: Annotated[int, typer.Option("--jobs", help="Runs trained at once.", min=1)] = 1,
+    task: Annotated[str | None, _opt("task")] = None,
+    model: Annotated[str | None, _opt("model")] = None,
+    rounds: Annotated[int | None, _opt("rounds")] = None,
+    clients: Annotated[int | None, _opt("clients")] = None,
+    sampled: Annotated[int | None, _opt("sampled")] = None,
+    local_steps: Annotated[int | None, _opt("local_steps")] = None,
+    perturbations: Annotated[int | None, _opt("perturbations")] = None,
+    batch_size: Annotated[int | None, _opt("batch_size")] = None,
+    partition: Annotated[str | None, _opt("partition")] = None,
+    alpha: Annotated[float | None, _opt("alpha")] = None,
+    eval_every: Annotated[int | None, _opt("eval_every")] = None,
+    attack: Annotated[str | None, _opt("attack")] = None,
+    attackers: Annotated[int | None, _opt("attackers")] = None,
+    attack_scale: Annotated[float | None, _opt("attack_scale")] = None,
+    aggregator: Annotated[str | None, _opt("aggregator")] = None,
+) -> None:
+    """Train several algorithms on the same clients, data split and evaluation; tabulate."""
+    from fedscalar import compare as cmp
+    from fedscalar.report import write_report
+
+    shared = {
+        k: v
+        for k, v in locals().items()
+        if k in RunConfig.model_fields and k != "out" and v is not None
+    }
+    try:
+        names = cmp.parse_list(algorithms, "algorithms") if algorithms else None
+        seed_list = cmp.parse_list(seeds, "seeds", int) if seeds else None
+        comparison = cmp.plan(out, names, seed_list, config, target, **shared)
+    except (ConfigError, LedgerError) as e:
+        raise _fail(str(e)) from None
+    total = len(comparison.runs)
+    typer.echo(
+        f"comparing {', '.join(comparison.algorithms)} over seeds "
+        f"{', '.join(map(str, comparison.seeds))}: {total} runs in {comparison.out}"
+    )
+    try:
+        results = cmp.execute(comparison, jobs, echo=typer.echo)
+    except KeyboardInterrupt:
+        write_report(comparison, _title(comparison))
+        typer.echo("interrupted; run the same command again to resume", err=True)
+        raise typer.Exit(130) from None
+    path, _, _ = write_report(comparison, _title(comparison))
+    typer.echo(path.read_text())
+    failed = [f"{a} seed {s}" for (a, s), r in results.items() if r.get("status") == "error"]
+    if failed:
+        raise _fail(f"runs failed: {', '.join(failed)} (see their run.log)", code=1)
+
+
+def _title(comparison) -> str:
+    cfg = next(iter(comparison.runs.values()))
+    extra = f", {cfg.attack} attack by {cfg.attackers}, {cfg.aggregator}" if cfg.attackers else ""
+    return f"{cfg.task}, {cfg.clients} clients ({cfg.sampled} per round){extra}"
+
+
+@app.command()
 def export(
     run_dir: Annotated[Path, typer.Argument(help="Run folder (the --out of `fedscalar run`).")],
     output: Annotated[

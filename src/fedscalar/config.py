@@ -13,8 +13,31 @@ from typing import Any, Literal
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-ALGORITHMS = ("decomfl", "hiso", "fedavg")
+ALGORITHMS = (
+    "decomfl",
+    "hiso",
+    "fedavg",
+    "fedavg-topk",
+    "fedavg-qsgd",
+    "fedzo",
+    "fedkseed",
+    "fedkseed-pro",
+    "mezo",
+)
 ZO_ALGORITHMS = ("decomfl", "hiso")
+FLOWER_ALGORITHMS = ("decomfl", "hiso", "fedavg")
+"""Algorithms the Flower runtimes carry; the others run in the local simulator."""
+Algorithm = Literal[
+    "decomfl",
+    "hiso",
+    "fedavg",
+    "fedavg-topk",
+    "fedavg-qsgd",
+    "fedzo",
+    "fedkseed",
+    "fedkseed-pro",
+    "mezo",
+]
 TASKS = ("digits", "mnist", "sentiment", "text-classification")
 TEXT_TASKS = ("sentiment", "text-classification")
 
@@ -31,6 +54,12 @@ DEFAULT_LR = {
     ("decomfl", "text-classification"): 1e-5,
     ("hiso", "text-classification"): 1e-5,
     ("fedavg", "text-classification"): 1e-4,
+    **{(a, "digits"): 0.3 for a in ("fedavg-topk", "fedavg-qsgd")},
+    **{(a, "mnist"): 0.3 for a in ("fedavg-topk", "fedavg-qsgd")},
+    **{(a, t): 1e-4 for a in ("fedavg-topk", "fedavg-qsgd") for t in TEXT_TASKS},
+    **{(a, "digits"): 0.03 for a in ("fedzo", "fedkseed", "fedkseed-pro", "mezo")},
+    **{(a, "mnist"): 0.01 for a in ("fedzo", "fedkseed", "fedkseed-pro", "mezo")},
+    **{(a, t): 1e-5 for a in ("fedzo", "fedkseed", "fedkseed-pro", "mezo") for t in TEXT_TASKS},
 }
 """Learning rates used when ``lr`` is not given: the best of a sweep with the task's
 default model (see docs/benchmarks.md for the sweep)."""
@@ -60,8 +89,11 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    algorithm: Literal["decomfl", "hiso", "fedavg"] = Field(
-        "decomfl", description="Training algorithm: decomfl, hiso or fedavg."
+    algorithm: Algorithm = Field(
+        "decomfl",
+        description="Training algorithm: decomfl, hiso (scalar-only ZO); fedzo (ZO, full "
+        "upload); fedkseed, fedkseed-pro (ZO on a seed pool); mezo (centralised ZO on the "
+        "pooled data); fedavg, fedavg-topk, fedavg-qsgd (first order).",
     )
     task: Literal["digits", "mnist", "sentiment", "text-classification"] = Field(
         "digits", description="Task: digits, mnist, sentiment or text-classification."
@@ -79,9 +111,8 @@ class RunConfig(BaseModel):
     lr: float | None = Field(
         None,
         gt=0,
-        description="Learning rate; default per algorithm and task: "
-        + ", ".join(f"{a}/{t} {v:g}" for (a, t), v in DEFAULT_LR.items())
-        + ".",
+        description="Learning rate; default per algorithm and task (config.DEFAULT_LR, "
+        "listed in docs/results.md).",
     )
     mu: float = Field(1e-3, gt=0, description="ZO smoothing radius.")
     difference: Literal["forward", "central"] = Field(
@@ -152,6 +183,31 @@ class RunConfig(BaseModel):
     reply_timeout: float = Field(
         120.0, gt=0, description="Flower runtimes: seconds a round waits for client replies."
     )
+    topk_fraction: float = Field(
+        0.01, gt=0, le=1, description="fedavg-topk: fraction of the weight change uploaded."
+    )
+    qsgd_bits: int = Field(4, ge=2, le=16, description="fedavg-qsgd: bits per uploaded value.")
+    seed_pool: int = Field(
+        1024, ge=1, le=1 << 20, description="fedkseed(-pro): number of candidate seeds."
+    )
+    aggregator: Literal["mean", "median", "trimmed-mean", "krum"] = Field(
+        "mean",
+        description="How the server combines replies: mean, median, trimmed-mean or krum "
+        "(on the scalars for scalar-only methods, on the weight change otherwise).",
+    )
+    trim_fraction: float = Field(
+        0.2, ge=0, lt=0.5, description="trimmed-mean: fraction cut from each end."
+    )
+    krum_f: int | None = Field(
+        None, ge=0, description="krum: faulty replies tolerated; default (sampled - 3) // 2."
+    )
+    attack: Literal["none", "gaussian", "sign-flip"] = Field(
+        "none",
+        description="Byzantine clients' attack: none, gaussian (values replaced by "
+        "N(0, attack-scale^2)) or sign-flip (values times -attack-scale).",
+    )
+    attackers: int = Field(0, ge=0, description="Number of Byzantine clients (fixed ids).")
+    attack_scale: float = Field(10.0, gt=0, description="Strength of the attack.")
     out: str | None = Field(None, description="Run folder; default: a new folder under runs/.")
 
     @model_validator(mode="after")
@@ -169,6 +225,46 @@ class RunConfig(BaseModel):
         if self.sampled > self.clients:
             raise ValueError(
                 f"sampled: {self.sampled} clients per round but only {self.clients} clients"
+            )
+        if self.runtime != "local" and self.algorithm not in FLOWER_ALGORITHMS:
+            raise ValueError(
+                f"runtime: {self.runtime} carries {', '.join(FLOWER_ALGORITHMS)}; "
+                f"{self.algorithm} runs in the local simulator"
+            )
+        if (self.attack == "none") != (self.attackers == 0):
+            raise ValueError(
+                "attack: give both --attack and --attackers (or neither)"
+                if self.attackers == 0
+                else f"attackers: {self.attackers} attackers need --attack gaussian|sign-flip"
+            )
+        if self.attackers >= self.clients:
+            raise ValueError(
+                f"attackers: {self.attackers} attackers among {self.clients} clients leave "
+                "no honest one"
+            )
+        if self.algorithm == "mezo" and (self.attackers or self.aggregator != "mean"):
+            raise ValueError(
+                "mezo: one party trains on the pooled data; no attackers or aggregator"
+            )
+        if self.algorithm in ("fedkseed", "fedkseed-pro"):
+            if self.aggregator != "mean":
+                raise ValueError(
+                    f"aggregator: {self.algorithm} clients measure along different pool seeds, "
+                    "so their scalars are not coordinates of one vector; only mean applies"
+                )
+            if self.local_steps * self.sampled > 255:
+                raise ValueError(
+                    f"local_steps: {self.algorithm} records sampled x local_steps entries per "
+                    f"round, at most 255 (got {self.sampled} x {self.local_steps})"
+                )
+        if (
+            self.aggregator == "krum"
+            and self.krum_f is not None
+            and self.sampled <= 2 * self.krum_f + 2
+        ):
+            raise ValueError(
+                f"krum_f: Krum with f={self.krum_f} needs more than {2 * self.krum_f + 2} "
+                f"replies per round, {self.sampled} clients are sampled"
             )
         if self.min_replies > self.sampled:
             raise ValueError(

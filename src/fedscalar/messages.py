@@ -15,6 +15,12 @@ Layouts (``u8``/``u32`` unsigned ints, ``f32`` IEEE floats):
 - `StateMessage`   ``u8 tag, u32 round, u32 n, u8 has_h, n*f32 weights[, n*f32 H]``
 - `WeightsMessage` ``u8 tag, u32 round, f32 lr, u32 n, n*f32``
 - `DeltaReply`     ``u8 tag, u32 round, f32 loss, u32 n, n*f32``
+- `SparseDeltaReply` ``u8 tag, u32 round, f32 loss, u32 n, u32 c, c*u32 index, c*f32``
+- `QuantizedDeltaReply` ``u8 tag, u32 round, f32 loss, u32 n, u8 bits, f32 scale,``
+                   ``ceil(n*bits/8)`` bytes of codes (``bits`` per value, LSB first)
+- `SeedReply`      ``u8 tag, u32 round, f32 loss, u8 K, u8 P, K*u32 index, K*P*f32``
+- `SeedSync`       ``u8 tag, u32 round, u32 c, c*u32 key, c*f32``  (13 + 8 per changed key)
+- `SeedProbabilities` ``u8 tag, u32 round, u32 n, n*f32``
 """
 
 from __future__ import annotations
@@ -112,8 +118,82 @@ class StateMessage:
     curvature: np.ndarray | None  # float32, shape (n,), HiSo only
 
 
+@dataclass(frozen=True)
+class SparseDeltaReply:
+    """Client -> server (top-k FedAvg): the ``values`` of the weight change at ``indices``."""
+
+    TAG = 8
+    round: int
+    loss: float
+    size: int
+    indices: np.ndarray  # uint32, strictly increasing, each < size
+    values: np.ndarray  # float32, one per index
+
+
+@dataclass(frozen=True)
+class QuantizedDeltaReply:
+    """Client -> server (QSGD FedAvg): the weight change as ``bits``-bit codes and a scale.
+
+    Code ``c`` stands for ``(c - L) * scale / L`` with ``L = 2**(bits-1) - 1`` levels.
+    """
+
+    TAG = 9
+    round: int
+    loss: float
+    size: int
+    bits: int
+    scale: float
+    codes: bytes  # ceil(size * bits / 8) bytes, little-endian bit order
+
+
+@dataclass(frozen=True)
+class SeedReply:
+    """Client -> server (FedKSeed): per local step, a pool index and its P scalars."""
+
+    TAG = 10
+    round: int
+    loss: float
+    indices: tuple[int, ...]  # K pool indices
+    scalars: np.ndarray  # float32, shape (K, P)
+
+
+@dataclass(frozen=True)
+class SeedSync:
+    """Server -> client (FedKSeed): what changed in the per-seed accumulators.
+
+    ``x += sum_i values[i] * z(pool[keys[i] // P], keys[i] % P)`` brings a client from
+    its last round to ``round``, however many rounds it missed: at most one entry per
+    pool direction, so never more than the pool's size.
+    """
+
+    TAG = 11
+    round: int
+    keys: np.ndarray  # uint32, strictly increasing
+    values: np.ndarray  # float32
+
+
+@dataclass(frozen=True)
+class SeedProbabilities:
+    """Server -> client (FedKSeed-Pro): the sampling probability of each pool seed."""
+
+    TAG = 12
+    round: int
+    probabilities: np.ndarray  # float32, shape (pool size,)
+
+
 Message = (
-    TrainRequest | ScalarReply | GlobalUpdate | CatchUp | WeightsMessage | DeltaReply | StateMessage
+    TrainRequest
+    | ScalarReply
+    | GlobalUpdate
+    | CatchUp
+    | WeightsMessage
+    | DeltaReply
+    | StateMessage
+    | SparseDeltaReply
+    | QuantizedDeltaReply
+    | SeedReply
+    | SeedSync
+    | SeedProbabilities
 )
 
 
@@ -199,7 +279,49 @@ def encode(msg: Message) -> bytes:
         values = np.ascontiguousarray(msg.values, dtype="<f4").reshape(-1)
         second = msg.lr if isinstance(msg, WeightsMessage) else msg.loss
         return struct.pack("<BIfI", msg.TAG, msg.round, second, values.size) + values.tobytes()
+    if isinstance(msg, SparseDeltaReply):
+        idx = np.ascontiguousarray(msg.indices, dtype="<u4").reshape(-1)
+        values = np.ascontiguousarray(msg.values, dtype="<f4").reshape(-1)
+        if idx.size != values.size:
+            raise MessageError(f"{idx.size} indices for {values.size} values")
+        _check_u32("size", msg.size)
+        head = struct.pack("<BIfII", msg.TAG, msg.round, msg.loss, msg.size, idx.size)
+        return head + idx.tobytes() + values.tobytes()
+    if isinstance(msg, QuantizedDeltaReply):
+        _check_u32("size", msg.size)
+        if len(msg.codes) != packed_size(msg.size, msg.bits):
+            raise MessageError(f"{len(msg.codes)} code bytes for {msg.size} x {msg.bits} bits")
+        head = struct.pack("<BIfIBf", msg.TAG, msg.round, msg.loss, msg.size, msg.bits, msg.scale)
+        return head + bytes(msg.codes)
+    if isinstance(msg, SeedReply):
+        k, p = msg.scalars.shape
+        _check_kp(k, p)
+        if len(msg.indices) != k:
+            raise MessageError(f"{len(msg.indices)} seed indices for K={k} local steps")
+        for i in msg.indices:
+            _check_u32("seed index", i)
+        return (
+            struct.pack("<BIfBB", msg.TAG, msg.round, msg.loss, k, p)
+            + np.asarray(msg.indices, dtype="<u4").tobytes()
+            + np.ascontiguousarray(msg.scalars, dtype="<f4").tobytes()
+        )
+    if isinstance(msg, SeedSync):
+        keys = np.ascontiguousarray(msg.keys, dtype="<u4").reshape(-1)
+        values = np.ascontiguousarray(msg.values, dtype="<f4").reshape(-1)
+        if keys.size != values.size:
+            raise MessageError(f"{keys.size} keys for {values.size} values")
+        return (
+            struct.pack("<BII", msg.TAG, msg.round, keys.size) + keys.tobytes() + values.tobytes()
+        )
+    if isinstance(msg, SeedProbabilities):
+        probs = np.ascontiguousarray(msg.probabilities, dtype="<f4").reshape(-1)
+        return struct.pack("<BII", msg.TAG, msg.round, probs.size) + probs.tobytes()
     raise TypeError(f"not a message: {type(msg).__name__}")
+
+
+def packed_size(n: int, bits: int) -> int:
+    """Bytes holding ``n`` codes of ``bits`` bits each."""
+    return (n * bits + 7) // 8
 
 
 class _Reader:
@@ -277,6 +399,36 @@ def decode(data: bytes) -> Message:
             if tag == WeightsMessage.TAG
             else DeltaReply(rnd, second, values)
         )
+    elif tag == SparseDeltaReply.TAG:
+        rnd, loss, n, count = r.unpack("<IfII", "header")
+        if count > n:
+            raise MessageError(f"{count} entries for a vector of {n}")
+        idx = np.frombuffer(r.take(4 * count, "indices"), dtype="<u4").astype(np.uint32)
+        if count and (int(idx[-1]) >= n or (count > 1 and not (np.diff(idx) > 0).all())):
+            raise MessageError("indices must be strictly increasing and below the size")
+        msg = SparseDeltaReply(rnd, loss, n, idx, r.f32(count, "values"))
+    elif tag == QuantizedDeltaReply.TAG:
+        rnd, loss, n, bits, scale = r.unpack("<IfIBf", "header")
+        if not 2 <= bits <= 16:
+            raise MessageError(f"bits={bits}: quantisation uses 2 to 16 bits")
+        msg = QuantizedDeltaReply(
+            rnd, loss, n, bits, scale, bytes(r.take(packed_size(n, bits), "codes"))
+        )
+    elif tag == SeedReply.TAG:
+        rnd, loss, k, p = r.unpack("<IfBB", "header")
+        msg = SeedReply(rnd, loss, r.u32(k, "seed indices"), r.f32(k * p, "scalars").reshape(k, p))
+    elif tag == SeedSync.TAG:
+        rnd, count = r.unpack("<II", "header")
+        keys = np.frombuffer(r.take(4 * count, "keys"), dtype="<u4").astype(np.uint32)
+        if count > 1 and not (np.diff(keys) > 0).all():
+            raise MessageError("seed-sync keys must be strictly increasing")
+        msg = SeedSync(rnd, keys, r.f32(count, "values"))
+    elif tag == SeedProbabilities.TAG:
+        rnd, n = r.unpack("<II", "header")
+        probs = r.f32(n, "probabilities")
+        if n == 0 or not np.isfinite(probs).all() or (probs < 0).any() or probs.sum() <= 0:
+            raise MessageError("probabilities must be finite, non-negative and not all zero")
+        msg = SeedProbabilities(rnd, probs)
     else:
         raise MessageError(f"unknown message tag {tag}")
     r.done()

@@ -34,6 +34,7 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path, title: str = 
     ax_b.xaxis.set_minor_formatter(NullFormatter())  # decade labels only: no overlaps
     for ax in (ax_r, ax_b):
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -6,7 +6,10 @@ exchange messages, aggregate, append to the ledger, evaluate, checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import resource
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -15,6 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from fedscalar import directions, schedule
@@ -192,21 +196,55 @@ def execute(
         handler.close()
 
 
+def batch_size(cfg: RunConfig) -> int:
+    """Examples per local step. MeZO's one party takes the federation's round's worth."""
+    return cfg.batch_size * cfg.sampled if cfg.algorithm == "mezo" else cfg.batch_size
+
+
 def client_data(cfg: RunConfig, task: Any, idx: Any, cid: int) -> ClientData:
     """Client ``cid``'s minibatches, drawn from its examples ``idx`` of ``task``."""
+    size = batch_size(cfg)
 
     def make_batch(rnd: int, step: int):
-        pos = schedule.batch_positions(cfg.seed, rnd, cid, step, cfg.batch_size, len(idx))
+        pos = schedule.batch_positions(cfg.seed, rnd, cid, step, size, len(idx))
         return task.batch(idx[pos])
 
     return ClientData(cid, make_batch, task.loss)
 
 
 def client_partitions(cfg: RunConfig, task: Any) -> list[Any]:
-    """Each client's training examples (indices into the task's training set)."""
-    return partition(
+    """Each client's training examples (indices into the task's training set).
+
+    The split depends only on the task, ``clients``, ``partition``, ``alpha`` and the
+    run seed, never on the algorithm. MeZO's one party holds the union of them.
+    """
+    parts = partition(
         task.train_labels, cfg.clients, cfg.partition, cfg.alpha, schedule.partition_seed(cfg.seed)
     )
+    if cfg.algorithm == "mezo":
+        return [np.sort(np.concatenate(parts))]
+    return parts
+
+
+def partition_digest(parts: list[Any]) -> str:
+    """SHA-256 of the clients' example indices (equal digests: the same data split)."""
+    h = hashlib.sha256()
+    for idx in parts:
+        h.update(np.asarray(idx, dtype=np.int64).tobytes() + b";")
+    return h.hexdigest()[:16]
+
+
+def round_clients(cfg: RunConfig, rnd: int) -> list[int]:
+    """The clients of round ``rnd``: the same for every algorithm but MeZO (one party)."""
+    if cfg.algorithm == "mezo":
+        return [0]
+    return schedule.sample_clients(cfg.seed, rnd, cfg.clients, cfg.sampled)
+
+
+def peak_rss_mb() -> float:
+    """The process's peak resident memory so far, in MB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / (1 << 20) if sys.platform == "darwin" else peak / 1024
 
 
 class _Run:
@@ -237,7 +275,11 @@ class _Run:
         self.client = make_client(cfg, self.space, self.server)
         self.resume = resume
         self.runtime = (
-            runtime(self) if runtime else LocalRuntime(self.server, self.client, self.client_data)
+            runtime(self)
+            if runtime
+            else LocalRuntime(
+                self.server, self.client, self.client_data, count_bytes=cfg.algorithm != "mezo"
+            )
         )
 
     def client_data(self, cid: int) -> ClientData:
@@ -260,6 +302,7 @@ class _Run:
             ck_round = int(meta["round"])
             if ck_round <= len(self.ledger):
                 self.server.load_state_tensors(tensors, ck_round)
+                self.client.load_state_tensors(tensors)
                 start = ck_round
         if cfg.algorithm in REPLAYABLE:
             for update in self.ledger.updates[start:]:
@@ -268,7 +311,7 @@ class _Run:
         else:
             self.ledger.truncate(start)
         for rnd in range(1, start + 1):
-            for cid in schedule.sample_clients(cfg.seed, rnd, cfg.clients, cfg.sampled):
+            for cid in round_clients(cfg, rnd):
                 self.server.mark_synced(cid, rnd - 1)
         return start
 
@@ -325,7 +368,8 @@ class _Run:
         raise ShortRound(short, nonfinite=all(e.nonfinite for e in problems.values()))
 
     def _checkpoint(self, rnd: int) -> None:
-        RunDir.save_tensors(self.rd.checkpoint, self.server.state_tensors(), {"round": str(rnd)})
+        tensors = {**self.server.state_tensors(), **self.client.state_tensors()}
+        RunDir.save_tensors(self.rd.checkpoint, tensors, {"round": str(rnd)})
 
     # -- the loop -------------------------------------------------------------------------
     def execute(self) -> RunResult:
@@ -366,7 +410,7 @@ class _Run:
                 )
                 for rnd in range(start + 1, cfg.rounds + 1):
                     t_round = time.perf_counter()
-                    clients = schedule.sample_clients(cfg.seed, rnd, cfg.clients, cfg.sampled)
+                    clients = round_clients(cfg, rnd)
                     seeds = schedule.round_seeds(cfg.seed, rnd, cfg.local_steps)
                     update, train_loss, counts = self._exchange(rnd, cfg.lr, seeds, clients)
                     self.ledger.append(update)
@@ -375,6 +419,7 @@ class _Run:
                     record = {
                         "round": rnd,
                         "train_loss": train_loss,
+                        "clients": clients,
                         **counts,
                         "bytes_up_cumulative": up_total,
                         "bytes_down_cumulative": down_total,
@@ -448,6 +493,12 @@ class _Run:
             "rounds_skipped": sum(1 for h in trained if h.get("train_loss", 0.0) is None),
             "wall_seconds": last["wall_seconds"],
             "seconds_per_round": sum(h["round_seconds"] for h in trained) / max(1, len(trained)),
+            "peak_rss_mb": peak_rss_mb(),
+            "partition_digest": partition_digest(self.parts),
+            "clients": cfg.clients,
+            "attack": cfg.attack,
+            "attackers": cfg.attackers,
+            "aggregator": cfg.aggregator,
         }
 
 

@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+from fedscalar import schedule
+from fedscalar.algorithms.attacks import ByzantineClient
 from fedscalar.algorithms.base import Client, ClientData, Diverged, RejectedReply, Server
+from fedscalar.algorithms.compression import make_compressor
 from fedscalar.algorithms.fedavg import FedAvgClient, FedAvgServer
+from fedscalar.algorithms.fedkseed import FedKSeedClient, FedKSeedServer
 from fedscalar.algorithms.zo import ZOAlgorithm, ZOClient, ZOServer, ZOSettings, ZOState
 from fedscalar.config import RunConfig
 from fedscalar.messages import GlobalUpdate
 from fedscalar.params import ParamSpace
 
-REPLAYABLE = ("decomfl", "hiso")
+SCALAR = ("decomfl", "hiso", "mezo")
+"""Algorithms whose replies are the K x P scalars of one shared set of seeds."""
+SEED_POOL = ("fedkseed", "fedkseed-pro")
+REPLAYABLE = SCALAR + SEED_POOL
 """Algorithms whose weights are a pure function of the base weights and the ledger."""
+FIRST_ORDER = ("fedavg", "fedavg-topk", "fedavg-qsgd")
+DELTA = (*FIRST_ORDER, "fedzo")
+"""Algorithms whose clients upload a whole weight change."""
 
 
 def zo_settings(cfg: RunConfig) -> ZOSettings:
@@ -25,26 +35,59 @@ def zo_settings(cfg: RunConfig) -> ZOSettings:
     )
 
 
+def _robust(cfg: RunConfig) -> dict:
+    return {"aggregator": cfg.aggregator, "trim_fraction": cfg.trim_fraction, "krum_f": cfg.krum_f}
+
+
 def make_server(cfg: RunConfig, space: ParamSpace, history: list[GlobalUpdate]) -> Server:
     """The server half of ``cfg.algorithm`` holding the global state in ``space``."""
-    if cfg.algorithm in REPLAYABLE:
+    if cfg.algorithm in SCALAR:
         algo = ZOAlgorithm(zo_settings(cfg))
-        return ZOServer(algo, ZOState(space, algo.s.hiso), history, cfg.catch_up)
-    return FedAvgServer(space)
+        return ZOServer(algo, ZOState(space, algo.s.hiso), history, cfg.catch_up, **_robust(cfg))
+    if cfg.algorithm in SEED_POOL:
+        algo = ZOAlgorithm(zo_settings(cfg))
+        pool = schedule.seed_pool(cfg.seed, cfg.seed_pool)
+        return FedKSeedServer(
+            algo, ZOState(space, False), history, pool, cfg.algorithm == "fedkseed-pro"
+        )
+    compressor = make_compressor(cfg.algorithm, cfg.topk_fraction, cfg.qsgd_bits)
+    return FedAvgServer(space, compressor, **_robust(cfg))
 
 
-def make_client(cfg: RunConfig, space: ParamSpace, server: Server | None = None) -> Client:
-    """A client over ``space``. Given the simulator's ``server``, it shares its state."""
-    if cfg.algorithm in REPLAYABLE:
+def _honest_client(cfg: RunConfig, space: ParamSpace, server: Server | None) -> Client:
+    if cfg.algorithm in SCALAR:
         if isinstance(server, ZOServer):
             return ZOClient(server.algo, server.state)
         algo = ZOAlgorithm(zo_settings(cfg))
         return ZOClient(algo, ZOState(space, algo.s.hiso))
-    return FedAvgClient(space, cfg.local_steps)
+    if cfg.algorithm in SEED_POOL:
+        pool = schedule.seed_pool(cfg.seed, cfg.seed_pool)
+        if isinstance(server, FedKSeedServer):
+            return FedKSeedClient(server.algo, server.state, pool)
+        return FedKSeedClient(ZOAlgorithm(zo_settings(cfg)), ZOState(space, False), pool)
+    compressor = make_compressor(cfg.algorithm, cfg.topk_fraction, cfg.qsgd_bits)
+    zo = ZOAlgorithm(zo_settings(cfg)) if cfg.algorithm == "fedzo" else None
+    return FedAvgClient(space, cfg.local_steps, compressor, zo, cfg.seed)
+
+
+def make_client(cfg: RunConfig, space: ParamSpace, server: Server | None = None) -> Client:
+    """A client over ``space``. Given the simulator's ``server``, it shares its state.
+
+    With ``cfg.attackers``, the clients with the ids `schedule.attackers` picks attack.
+    """
+    client = _honest_client(cfg, space, server)
+    if cfg.attackers:
+        bad = schedule.attackers(cfg.seed, cfg.clients, cfg.attackers)
+        client = ByzantineClient(client, bad, cfg.attack, cfg.attack_scale, cfg.seed)
+    return client
 
 
 __all__ = [
+    "DELTA",
+    "FIRST_ORDER",
     "REPLAYABLE",
+    "SCALAR",
+    "SEED_POOL",
     "Client",
     "ClientData",
     "Diverged",

@@ -122,6 +122,13 @@ class Client(ABC):
     def handle(self, messages: list[Message], data: ClientData) -> Message:
         """Process the round's messages (catch-up first, then the request) and reply."""
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Client memory a checkpoint must keep (error-feedback residuals); usually none."""
+        return {}
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:  # noqa: B027
+        """Restore what `state_tensors` returned (other keys are ignored)."""
+
 
 def check_finite(what: str, rnd: int, *values: float) -> None:
     if not all(np.isfinite(v) for v in values):

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from fedscalar import directions
+from fedscalar.algorithms.aggregators import aggregate
 from fedscalar.algorithms.base import (
     Client,
     ClientData,
@@ -231,8 +232,12 @@ class ZOServer(Server):
         state: ZOState,
         history: list[GlobalUpdate],
         catch_up_mode: str = "replay",
+        aggregator: str = "mean",
+        trim_fraction: float = 0.2,
+        krum_f: int | None = None,
     ):
         self.algo, self.state, self.space = algo, state, state.space
+        self.aggregator, self.trim_fraction, self.krum_f = aggregator, trim_fraction, krum_f
         self.history = history  # rounds 1..n, shared with the ledger
         self.synced: dict[int, int] = {}  # client id -> rounds applied on that client
         self.catch_up_mode = catch_up_mode  # "replay", or "auto": the state when smaller
@@ -274,11 +279,12 @@ class ZOServer(Server):
         check_values(reply.loss, reply.scalars)
 
     def aggregate(self, rnd, lr, seeds, replies):
-        rows, losses = [], []
-        for reply in replies.values():
-            rows.append(reply.scalars.astype(np.float64))
-            losses.append(reply.loss)
-        gbar = np.mean(rows, axis=0).astype(np.float32)
+        cids = sorted(replies)
+        shape = self._shape(seeds)
+        rows = np.stack([replies[c].scalars.astype(np.float64).reshape(-1) for c in cids])
+        gbar = aggregate(rows, self.aggregator, self.trim_fraction, self.krum_f)
+        gbar = gbar.reshape(shape).astype(np.float32)
+        losses = [replies[c].loss for c in cids]
         update = GlobalUpdate(rnd, float(np.float32(lr)), tuple(seeds), gbar)
         self.apply(update)
         for cid in replies:

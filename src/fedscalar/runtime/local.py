@@ -4,6 +4,9 @@ All clients share the server's model object; each works on it in turn (ZO client
 modify it, first-order clients load the global weights from their message first), so
 memory does not grow with the number of clients. Every message still goes through its
 binary encoding, and the byte counts are the lengths of those encodings.
+
+With ``count_bytes=False`` (MeZO: one party training on the pooled data) the messages
+never leave the party, so nothing is counted.
 """
 
 from __future__ import annotations
@@ -16,8 +19,15 @@ from fedscalar.runtime.base import RoundTraffic, Runtime
 
 
 class LocalRuntime(Runtime):
-    def __init__(self, server: Server, client: Client, data: Callable[[int], ClientData]):
+    def __init__(
+        self,
+        server: Server,
+        client: Client,
+        data: Callable[[int], ClientData],
+        count_bytes: bool = True,
+    ):
         self.server, self.client, self.data = server, client, data
+        self.count_bytes = count_bytes
 
     def run_round(
         self, rnd: int, lr: float, seeds: tuple[int, ...], clients: list[int]
@@ -30,4 +40,6 @@ class LocalRuntime(Runtime):
             reply = self.client.handle([decode(b) for b in wire_down], self.data(cid))
             replies[cid] = encode(reply)
             up += len(replies[cid])
+        if not self.count_bytes:
+            up = down = 0
         return RoundTraffic(replies, {}, up, down)

@@ -1,0 +1,287 @@
+"""``fedscalar compare``: several algorithms on the same federation, side by side.
+
+Every run of a comparison shares the task, the data partition, the client sampling
+sequence, the evaluation schedule and set, and the robustness setting; only the
+algorithm and its own hyperparameters (a ``[algorithm.<name>]`` table) differ. Each
+(algorithm, seed) is an ordinary run folder under ``<out>/runs/<algorithm>/seed<k>``,
+trained in a fresh process (so its peak memory is its own). Re-running the same
+comparison skips finished runs and resumes unfinished ones.
+
+Comparison file (``--config``), every key optional::
+
+    algorithms = ["decomfl", "hiso", "fedavg"]
+    seeds = [0, 1, 2]
+    target = 0.9             # accuracy for the "rounds to target" column
+    [run]                    # options shared by every run (as in `fedscalar run`)
+    task = "mnist"
+    rounds = 1000
+    [algorithm.fedavg]       # options for one algorithm only
+    lr = 0.3
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import shutil
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedscalar.config import (
+    ALGORITHMS,
+    RESUMABLE_CHANGES,
+    ConfigError,
+    RunConfig,
+    _validated,
+    build_config,
+    read_toml,
+)
+from fedscalar.rundir import RunDir
+
+SHARED_ONLY = frozenset(
+    {
+        "task",
+        "model",
+        "clients",
+        "sampled",
+        "partition",
+        "alpha",
+        "batch_size",
+        "eval_every",
+        "eval_examples",
+        "dataset",
+        "text_column",
+        "label_column",
+        "template",
+        "verbalizers",
+        "max_length",
+        "lora",
+        "lora_rank",
+        "lora_alpha",
+        "lora_targets",
+        "dtype",
+        "attack",
+        "attackers",
+        "attack_scale",
+        "seed",
+        "out",
+        "runtime",
+    }
+)
+"""Options that define the federation and its evaluation: the same for every algorithm."""
+
+FINISHED = ("completed", "diverged")
+"""Run statuses a re-run leaves alone (a diverged run diverges again the same way)."""
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A validated comparison: one `RunConfig` per (algorithm, seed)."""
+
+    out: Path
+    algorithms: tuple[str, ...]
+    seeds: tuple[int, ...]
+    target: float | None
+    runs: dict[tuple[str, int], RunConfig]
+
+    def folder(self, algorithm: str, seed: int) -> Path:
+        return run_folder(self.out, algorithm, seed)
+
+
+def run_folder(out: Path, algorithm: str, seed: int) -> Path:
+    return Path(out) / "runs" / algorithm / f"seed{seed}"
+
+
+def parse_list(text: str, what: str, cast: Callable[[str], Any] = str) -> list[Any]:
+    """``"a,b"`` -> ``[a, b]``, with a clear error for an empty or malformed list."""
+    items = [x.strip() for x in text.split(",") if x.strip()]
+    if not items:
+        raise ConfigError(f"{what}: an empty list")
+    try:
+        return [cast(x) for x in items]
+    except ValueError:
+        raise ConfigError(f"{what}: not a comma-separated list of integers: {text!r}") from None
+
+
+def plan(
+    out: str | Path,
+    algorithms: list[str] | None = None,
+    seeds: list[int] | None = None,
+    file: str | Path | None = None,
+    target: float | None = None,
+    **shared: Any,
+) -> Comparison:
+    """Validate a comparison completely (before anything runs); `ConfigError` if not.
+
+    ``shared`` are run options for every algorithm (flags override the file's ``[run]``).
+    """
+    spec: dict[str, Any] = read_toml(file) if file is not None else {}
+    unknown = set(spec) - {"algorithms", "seeds", "target", "run", "algorithm"}
+    if unknown:
+        raise ConfigError(f"config: unknown key '{sorted(unknown)[0]}' in the comparison file")
+    algorithms = algorithms or spec.get("algorithms")
+    if not algorithms:
+        raise ConfigError("algorithms: name the algorithms to compare (--algorithms a,b,...)")
+    for name in algorithms:
+        if name not in ALGORITHMS:
+            raise ConfigError(
+                f"algorithms: unknown algorithm '{name}' (choose from {', '.join(ALGORITHMS)})"
+            )
+    if len(set(algorithms)) != len(algorithms):
+        raise ConfigError("algorithms: an algorithm is listed twice")
+    seeds = seeds or spec.get("seeds") or [0]
+    if len(set(seeds)) != len(seeds) or any(not isinstance(s, int) or s < 0 for s in seeds):
+        raise ConfigError(f"seeds: distinct non-negative integers, got {seeds}")
+    target = target if target is not None else spec.get("target")
+    if target is not None and not 0 < target <= 1:
+        raise ConfigError(f"target: an accuracy in (0, 1], got {target}")
+    base = dict(spec.get("run", {}))
+    base.update({k: v for k, v in shared.items() if v is not None})
+    for key in ("algorithm", "seed", "out"):
+        if key in base:
+            raise ConfigError(f"{key}: set by compare itself (use --algorithms, --seeds, --out)")
+    tables = spec.get("algorithm", {})
+    for name, table in tables.items():
+        if name not in algorithms:
+            raise ConfigError(f"algorithm.{name}: a table for an algorithm not compared")
+        fixed = sorted(set(table) & SHARED_ONLY)
+        if fixed:
+            raise ConfigError(
+                f"algorithm.{name}: {fixed[0]} must be the same for every algorithm of a "
+                "comparison; set it in [run] or as a flag"
+            )
+    runs: dict[tuple[str, int], RunConfig] = {}
+    for name in algorithms:
+        for seed in seeds:
+            values = {**base, **tables.get(name, {}), "algorithm": name, "seed": seed}
+            values["out"] = str(run_folder(Path(out), name, seed))
+            try:
+                runs[name, seed] = _validated(values).resolved()
+            except ConfigError as e:
+                raise ConfigError(f"{name}: {e}") from None
+    comparison = Comparison(Path(out), tuple(algorithms), tuple(seeds), target, runs)
+    _check_existing(comparison)
+    return comparison
+
+
+def _check_existing(comparison: Comparison) -> None:
+    """Refuse to resume a run folder that was started with different settings."""
+    for (name, seed), cfg in comparison.runs.items():
+        rd = RunDir(comparison.folder(name, seed))
+        if not rd.exists():
+            continue
+        stored = build_config(rd.config)
+        for field in RunConfig.model_fields:
+            if field in RESUMABLE_CHANGES:
+                continue
+            if getattr(stored, field) != getattr(cfg, field):
+                raise ConfigError(
+                    f"out: {rd.path} was run with {field}={getattr(stored, field)!r}, this "
+                    f"comparison asks for {getattr(cfg, field)!r}; use another --out"
+                )
+
+
+def state_of(folder: Path, cfg: RunConfig) -> str:
+    """``new``, ``done`` or ``resume``: what a (re-)run of the comparison does here."""
+    rd = RunDir(folder)
+    if not rd.exists() or not rd.metrics.exists():
+        return "new"
+    summary = _read_summary(rd)
+    finished = summary is not None and (
+        summary["status"] == "diverged"
+        or (summary["status"] == "completed" and summary["rounds"] >= cfg.rounds)
+    )
+    return "done" if finished else "resume"
+
+
+def _read_summary(rd: RunDir) -> dict[str, Any] | None:
+    import json
+
+    try:
+        return json.loads(rd.summary.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _train(cfg_toml: str, mode: str, threads: int) -> dict[str, Any]:
+    """Worker: one run in a fresh process; returns its summary (or the error)."""
+    import logging
+
+    import torch
+
+    from fedscalar.config import build_config_text
+    from fedscalar.runner import RunFailed, run
+
+    logging.getLogger("fedscalar").propagate = False
+    torch.set_num_threads(threads)
+    cfg = build_config_text(cfg_toml)
+    folder = Path(cfg.out or ".")
+    if mode == "new" and folder.exists():
+        shutil.rmtree(folder)  # a start that never wrote its first metrics line
+    try:
+        if mode == "resume":
+            overrides = {k: getattr(cfg, k) for k in RESUMABLE_CHANGES if k != "runtime"}
+            result = run(resume=True, resume_overrides=overrides)
+            return result.summary
+        return run(cfg).summary
+    except RunFailed as e:
+        summary = _read_summary(RunDir(folder)) or {}
+        return {**summary, "status": summary.get("status", "failed"), "error": str(e)}
+    except KeyboardInterrupt:
+        return {"status": "interrupted"}
+    except Exception as e:  # reported, and the other runs go on
+        return {"status": "error", "error": f"{type(e).__name__}: {e}"}
+
+
+def execute(
+    comparison: Comparison,
+    jobs: int = 1,
+    echo: Callable[[str], None] = print,
+) -> dict[tuple[str, int], dict[str, Any]]:
+    """Train every run that is not finished; return each run's summary."""
+    comparison.out.mkdir(parents=True, exist_ok=True)
+    todo = []
+    for (name, seed), cfg in comparison.runs.items():
+        mode = state_of(comparison.folder(name, seed), cfg)
+        if mode == "done":
+            echo(f"{name} seed {seed}: finished earlier, skipped")
+        else:
+            todo.append((name, seed, cfg, mode))
+    threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
+    results: dict[tuple[str, int], dict[str, Any]] = {}
+    if todo:
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(jobs, mp_context=ctx, max_tasks_per_child=1) as pool:
+            pending = {}
+            for name, seed, cfg, mode in todo:
+                future = pool.submit(_train, cfg.to_toml(), mode, threads)
+                pending[future] = (name, seed, mode)
+                if mode == "resume":
+                    echo(f"{name} seed {seed}: resuming")
+            done_count = 0
+            try:
+                while pending:
+                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        name, seed, _ = pending.pop(future)
+                        summary = future.result()
+                        results[name, seed] = summary
+                        done_count += 1
+                        echo(f"[{done_count}/{len(todo)}] {name} seed {seed}: {_brief(summary)}")
+            except KeyboardInterrupt:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
+    return results
+
+
+def _brief(summary: dict[str, Any]) -> str:
+    status = summary.get("status", "?")
+    if summary.get("final_test_accuracy") is None:
+        return f"{status}" + (f" ({summary['error']})" if "error" in summary else "")
+    return (
+        f"{status}, {summary['rounds']} rounds, final accuracy "
+        f"{summary['final_test_accuracy']:.4f}, {summary['wall_seconds']:.1f} s"
+    )

@@ -1,0 +1,267 @@
+"""Tables and plots of a comparison, read back from its run folders.
+
+Everything here is computed from each run's ``metrics.jsonl`` and ``summary.json``, so
+a report can be redrawn at any time, also from a comparison still in progress.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fedscalar.compare import Comparison
+from fedscalar.rundir import RunDir
+
+
+@dataclass
+class Row:
+    """One algorithm of a comparison, over its seeds."""
+
+    algorithm: str
+    runs: int
+    final: list[float]
+    best: list[float]
+    to_target: list[int | None]
+    bytes_up: float  # per client, whole run (mean over seeds)
+    bytes_down: float
+    up_per_round: float  # per sampled client per round
+    down_per_round: float
+    seconds_per_round: float  # median over seeds
+    peak_mb: float  # largest over seeds
+    statuses: list[str]
+    curves: list[list[dict[str, Any]]]  # evaluated metrics records, one list per seed
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
+
+
+def collect(comparison: Comparison, target: float | None = None) -> tuple[list[Row], float | None]:
+    """One `Row` per algorithm with at least one run that has metrics; and the target used.
+
+    Without a target, it is the lowest mean final accuracy among the algorithms that did
+    not diverge, floored to two decimals: the accuracy every such algorithm reached.
+    """
+    raw: dict[str, list[tuple[dict[str, Any], list[dict[str, Any]]]]] = {}
+    for name in comparison.algorithms:
+        for seed in comparison.seeds:
+            rd = RunDir(comparison.folder(name, seed))
+            history = rd.read_metrics()
+            if not history:
+                continue
+            try:
+                summary = json.loads(rd.summary.read_text())
+            except (OSError, ValueError):
+                summary = {"status": "running"}
+            raw.setdefault(name, []).append((summary, history))
+    if target is None:
+        finals = [
+            statistics.mean(s["final_test_accuracy"] for s, _ in runs)
+            for runs in raw.values()
+            if all(s.get("status") == "completed" for s, _ in runs)
+        ]
+        target = int(min(finals) * 100) / 100 if finals else None
+    rows = []
+    for name, runs in raw.items():
+        evals = [[h for h in hist if "test_accuracy" in h] for _, hist in runs]
+        clients = max(1, runs[0][0].get("clients", 1))
+        rows.append(
+            Row(
+                algorithm=name,
+                runs=len(runs),
+                final=[e[-1]["test_accuracy"] for e in evals],
+                best=[max(h["test_accuracy"] for h in e) for e in evals],
+                to_target=[
+                    next((h["round"] for h in e if h["test_accuracy"] >= target), None)
+                    if target is not None
+                    else None
+                    for e in evals
+                ],
+                bytes_up=statistics.mean(h[-1]["bytes_up_cumulative"] for _, h in runs) / clients,
+                bytes_down=statistics.mean(h[-1]["bytes_down_cumulative"] for _, h in runs)
+                / clients,
+                up_per_round=statistics.mean(
+                    s.get("bytes_up_per_client_round", 0.0) for s, _ in runs
+                ),
+                down_per_round=statistics.mean(
+                    s.get("bytes_down_per_client_round", 0.0) for s, _ in runs
+                ),
+                seconds_per_round=statistics.median(
+                    s.get("seconds_per_round", float("nan")) for s, _ in runs
+                ),
+                peak_mb=max(s.get("peak_rss_mb", float("nan")) for s, _ in runs),
+                statuses=[s.get("status", "?") for s, _ in runs],
+                curves=evals,
+            )
+        )
+    return rows, target
+
+
+def _bytes(n: float) -> str:
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _reached(values: list[int | None]) -> str:
+    hit = [v for v in values if v is not None]
+    if not hit:
+        return "not reached"
+    med = statistics.median(hit)
+    return f"{med:g}" + (f" ({len(hit)}/{len(values)} seeds)" if len(hit) < len(values) else "")
+
+
+def _status(statuses: list[str]) -> str:
+    odd = [s for s in statuses if s != "completed"]
+    return "ok" if not odd else ", ".join(sorted(set(odd)))
+
+
+HEADER = (
+    "algorithm",
+    "final acc",
+    "best acc",
+    "rounds to target",
+    "bytes up / client",
+    "bytes down / client",
+    "B up / B down per client-round",
+    "s / round",
+    "peak MB",
+    "runs",
+)
+
+
+def markdown(rows: list[Row], target: float | None) -> str:
+    """The comparison table (mean ± std over seeds; per-client bytes for the whole run)."""
+    lines = [
+        "| " + " | ".join(HEADER) + " |",
+        "|" + "---|" * len(HEADER),
+    ]
+    for r in rows:
+        cells = (
+            r.algorithm,
+            _mean_std(r.final),
+            _mean_std(r.best),
+            _reached(r.to_target),
+            _bytes(r.bytes_up),
+            _bytes(r.bytes_down),
+            f"{r.up_per_round:,.0f} / {r.down_per_round:,.0f}",
+            f"{r.seconds_per_round * 1000:.1f} ms"
+            if r.seconds_per_round < 1
+            else f"{r.seconds_per_round:.2f} s",
+            f"{r.peak_mb:.0f}",
+            f"{r.runs} ({_status(r.statuses)})",
+        )
+        lines.append("| " + " | ".join(cells) + " |")
+    note = f"Target accuracy: {target:.2f}." if target is not None else "No target accuracy."
+    return "\n".join(lines) + f"\n\n{note}\n"
+
+
+def write_csv(rows: list[Row], path: Path, target: float | None) -> None:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(
+            [
+                "algorithm",
+                "runs",
+                "final_acc_mean",
+                "final_acc_std",
+                "best_acc_mean",
+                "best_acc_std",
+                "target",
+                "rounds_to_target_median",
+                "seeds_reaching_target",
+                "bytes_up_per_client",
+                "bytes_down_per_client",
+                "bytes_up_per_client_round",
+                "bytes_down_per_client_round",
+                "seconds_per_round",
+                "peak_rss_mb",
+                "statuses",
+            ]
+        )
+        for r in rows:
+            hit = [v for v in r.to_target if v is not None]
+            w.writerow(
+                [
+                    r.algorithm,
+                    r.runs,
+                    statistics.mean(r.final),
+                    statistics.stdev(r.final) if len(r.final) > 1 else 0.0,
+                    statistics.mean(r.best),
+                    statistics.stdev(r.best) if len(r.best) > 1 else 0.0,
+                    target if target is not None else "",
+                    statistics.median(hit) if hit else "",
+                    len(hit),
+                    r.bytes_up,
+                    r.bytes_down,
+                    r.up_per_round,
+                    r.down_per_round,
+                    r.seconds_per_round,
+                    r.peak_mb,
+                    " ".join(r.statuses),
+                ]
+            )
+
+
+def plot(rows: list[Row], path: Path, title: str = "") -> None:
+    """Accuracy against rounds and against cumulative bytes (log), mean ± std over
+    seeds, one line per algorithm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, (ax_r, ax_b) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
+    for r in rows:
+        length = min(len(c) for c in r.curves)
+        acc = np.array([[h["test_accuracy"] for h in c[:length]] for c in r.curves])
+        rounds = [h["round"] for h in r.curves[0][:length]]
+        traffic = np.array(
+            [
+                [(h["bytes_up_cumulative"] + h["bytes_down_cumulative"]) for h in c[:length]]
+                for c in r.curves
+            ]
+        ).mean(axis=0)
+        mean, std = acc.mean(axis=0), acc.std(axis=0)
+        (line,) = ax_r.plot(rounds, mean, label=r.algorithm)
+        ax_r.fill_between(rounds, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+        keep = traffic > 0  # MeZO sends nothing: no point on a log axis
+        if keep.any():
+            ax_b.plot(traffic[keep], mean[keep], color=line.get_color(), label=r.algorithm)
+    ax_r.set(xlabel="round", ylabel="test accuracy", title=title)
+    ax_b.set(
+        xlabel="cumulative bytes, up + down, all clients (log)",
+        ylabel="test accuracy",
+        xscale="log",
+        title=title,
+    )
+    for ax in (ax_r, ax_b):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def write_report(comparison: Comparison, title: str = "") -> tuple[Path, list[Row], float | None]:
+    """``results.md``, ``results.csv`` and ``comparison.png`` in the comparison folder."""
+    rows, target = collect(comparison, comparison.target)
+    out = comparison.out
+    table = markdown(rows, target)
+    (out / "results.md").write_text(
+        f"# {title or 'Comparison'}\n\n{table}\n![accuracy](comparison.png)\n"
+    )
+    write_csv(rows, out / "results.csv", target)
+    if rows:
+        plot(rows, out / "comparison.png", title)
+    return out / "results.md", rows, target
