@@ -19,7 +19,7 @@ Layouts (``u8``/``u32`` unsigned ints, ``f32`` IEEE floats):
 - `QuantizedDeltaReply` ``u8 tag, u32 round, f32 loss, u32 n, u8 bits, f32 scale,``
                    ``ceil(n*bits/8)`` bytes of codes (``bits`` per value, LSB first)
 - `SeedReply`      ``u8 tag, u32 round, f32 loss, u8 K, u8 P, K*u32 index, K*P*f32``
-- `SeedSync`       ``u8 tag, u32 round, u32 c, c*u32 key, c*f32``  (13 + 8 per changed key)
+- `SeedSync`       ``u8 tag, u32 round, u32 c, c*u32 key, c*f32``  (9 + 8 per changed key)
 - `SeedProbabilities` ``u8 tag, u32 round, u32 n, n*f32``
 """
 
@@ -404,7 +404,7 @@ def decode(data: bytes) -> Message:
         if count > n:
             raise MessageError(f"{count} entries for a vector of {n}")
         idx = np.frombuffer(r.take(4 * count, "indices"), dtype="<u4").astype(np.uint32)
-        if count and (int(idx[-1]) >= n or (count > 1 and not (np.diff(idx) > 0).all())):
+        if count and (int(idx.max()) >= n or not (idx[1:] > idx[:-1]).all()):
             raise MessageError("indices must be strictly increasing and below the size")
         msg = SparseDeltaReply(rnd, loss, n, idx, r.f32(count, "values"))
     elif tag == QuantizedDeltaReply.TAG:
@@ -420,7 +420,7 @@ def decode(data: bytes) -> Message:
     elif tag == SeedSync.TAG:
         rnd, count = r.unpack("<II", "header")
         keys = np.frombuffer(r.take(4 * count, "keys"), dtype="<u4").astype(np.uint32)
-        if count > 1 and not (np.diff(keys) > 0).all():
+        if not (keys[1:] > keys[:-1]).all():
             raise MessageError("seed-sync keys must be strictly increasing")
         msg = SeedSync(rnd, keys, r.f32(count, "values"))
     elif tag == SeedProbabilities.TAG:

@@ -28,6 +28,8 @@ def aggregate(rows: np.ndarray, rule: str, trim_fraction: float = 0.2, krum_f: i
       nearest other rows (Blanchard et al. 2017); ``f`` defaults to `default_krum_f`.
       With too few rows for that, it falls back to the median.
     """
+    if rule not in AGGREGATORS:
+        raise ValueError(f"unknown aggregator {rule!r} (choose from {', '.join(AGGREGATORS)})")
     rows = np.asarray(rows, dtype=np.float64)
     n = rows.shape[0]
     if n == 0:

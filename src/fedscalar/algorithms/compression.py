@@ -130,7 +130,7 @@ def dense(reply: Message, n: int) -> np.ndarray:
         codes = unpack_codes(reply.codes, n, reply.bits)
         if n and int(codes.max()) > 2 * L:
             raise ValueError(f"a {reply.bits}-bit code above {2 * L}")
-        return ((codes.astype(np.float32) - L) * np.float32(reply.scale / L)).astype(np.float32)
+        return ((codes.astype(np.float64) - L) / L * reply.scale).astype(np.float32)
     raise TypeError(f"not a delta reply: {type(reply).__name__}")
 
 

@@ -1,0 +1,164 @@
+"""`fedscalar compare`: fair setup, measured bytes, resume, report and bad input."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from fedscalar import compare as cmp
+from fedscalar.cli import app
+from fedscalar.config import ConfigError, RunConfig
+from fedscalar.messages import DeltaReply, ScalarReply, SeedReply, TrainRequest, encode
+from fedscalar.report import write_report
+from fedscalar.rundir import RunDir
+from fedscalar.runner import run
+
+FAST = {"task": "digits", "rounds": 8, "eval_every": 4}
+
+
+def _metrics(out, algorithm, seed=0):
+    return RunDir(cmp.run_folder(out, algorithm, seed)).read_metrics()
+
+
+def _summary(out, algorithm, seed=0):
+    return json.loads(RunDir(cmp.run_folder(out, algorithm, seed)).summary.read_text())
+
+
+def test_same_federation_for_every_algorithm_and_measured_bytes(tmp_path):
+    algos = ["decomfl", "fedzo", "fedkseed", "mezo"]
+    comparison = cmp.plan(tmp_path, algos, [0], **FAST)
+    cmp.execute(comparison, jobs=2, echo=lambda _: None)
+    path, rows, target = write_report(comparison, "digits")
+
+    federated = [a for a in algos if a != "mezo"]
+    digests = {_summary(tmp_path, a)["partition_digest"] for a in federated}
+    assert len(digests) == 1  # one data split
+    sequences = {json.dumps([m.get("clients") for m in _metrics(tmp_path, a)]) for a in federated}
+    assert len(sequences) == 1  # one client sampling sequence
+    evals = {
+        tuple(m["round"] for m in _metrics(tmp_path, a) if "test_accuracy" in m) for a in algos
+    }
+    assert evals == {(0, 4, 8)}  # one evaluation schedule
+
+    cfg = RunConfig(**FAST)
+    k, p = cfg.local_steps, cfg.perturbations
+    n = _summary(tmp_path, "fedzo")["num_parameters"]
+    up = {a: _summary(tmp_path, a)["bytes_up_per_client_round"] for a in algos}
+    assert up["decomfl"] == len(encode(ScalarReply(0, 0.0, np.zeros((k, p), np.float32))))
+    assert up["fedkseed"] == len(encode(SeedReply(0, 0.0, (0,) * k, np.zeros((k, p), np.float32))))
+    assert up["fedzo"] == len(encode(DeltaReply(0, 0.0, np.zeros(n, np.float32))))
+    assert up["mezo"] == 0
+    # DeComFL's download is the request plus the catch-up of missed rounds: far below
+    # FedZO's d weights, and FedKSeed's grows with the pool's touched seeds instead.
+    down = {a: _summary(tmp_path, a)["bytes_down_per_client_round"] for a in algos}
+    assert len(encode(TrainRequest(1, 0.1, (1,) * k))) <= down["decomfl"] < down["fedkseed"]
+    assert down["fedkseed"] < down["fedzo"]
+
+    table = path.read_text()
+    for a in algos:
+        assert f"| {a} |" in table
+    assert (tmp_path / "comparison.png").stat().st_size > 10_000
+    with open(tmp_path / "results.csv") as f:
+        written = {r["algorithm"]: r for r in csv.DictReader(f)}
+    assert set(written) == set(algos)
+    assert float(written["fedzo"]["bytes_up_per_client_round"]) == up["fedzo"]
+    assert target is not None and all(r.to_target[0] is not None for r in rows)
+
+
+def test_rerun_resumes_unfinished_and_skips_finished(tmp_path):
+    out = tmp_path / "cmp"
+    short = cmp.plan(out, ["decomfl", "fedavg"], [0], task="digits", rounds=6, eval_every=3)
+    cmp.execute(short, echo=lambda _: None)
+    # An interrupted run: its summary says so and it lost its last rounds.
+    rd = RunDir(cmp.run_folder(out, "decomfl", 0))
+    rd.truncate_metrics(4)
+    summary = json.loads(rd.summary.read_text())
+    rd.write_summary({**summary, "status": "interrupted", "rounds": 4})
+    longer = cmp.plan(out, ["decomfl", "fedavg"], [0], task="digits", rounds=9, eval_every=3)
+    said: list[str] = []
+    cmp.execute(longer, echo=said.append)
+    assert any("decomfl seed 0: resuming" in s for s in said)
+    assert any("fedavg seed 0: resuming" in s for s in said)  # more rounds asked
+
+    for algo in ("decomfl", "fedavg"):
+        direct = run(
+            RunConfig(
+                algorithm=algo, task="digits", rounds=9, eval_every=3, out=str(tmp_path / algo)
+            )
+        )
+        resumed = RunDir(cmp.run_folder(out, algo, 0))
+        assert json.loads(resumed.summary.read_text())["rounds"] == 9
+        if algo == "decomfl":
+            assert resumed.ledger.read_bytes() == RunDir(direct.out).ledger.read_bytes()
+        a, _ = RunDir.load_tensors(resumed.checkpoint)
+        b, _ = RunDir.load_tensors(RunDir(direct.out).checkpoint)
+        assert all((a[n] == b[n]).all() for n in b)
+
+    before = {
+        a: RunDir(cmp.run_folder(out, a, 0)).metrics.stat().st_mtime_ns
+        for a in ("decomfl", "fedavg")
+    }
+    said.clear()
+    cmp.execute(longer, echo=said.append)
+    assert sorted(said) == [
+        "decomfl seed 0: finished earlier, skipped",
+        "fedavg seed 0: finished earlier, skipped",
+    ]
+    after = {
+        a: RunDir(cmp.run_folder(out, a, 0)).metrics.stat().st_mtime_ns
+        for a in ("decomfl", "fedavg")
+    }
+    assert before == after
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--algorithms", "decomfl,sgd"], "unknown algorithm 'sgd'"),
+        (["--algorithms", "decomfl,decomfl"], "listed twice"),
+        (["--algorithms", "decomfl", "--seeds", "0,x"], "seeds"),
+        (["--algorithms", "decomfl,mezo", "--attack", "gaussian", "--attackers", "2"], "mezo"),
+        (["--algorithms", "fedkseed", "--aggregator", "median"], "only mean applies"),
+        (["--algorithms", "decomfl", "--attackers", "2"], "--attack"),
+        (["--algorithms", "fedavg", "--sampled", "20"], "sampled"),
+        (["--algorithms", "decomfl", "--aggregator", "mode"], "aggregator"),
+        (["--algorithms", "decomfl", "--target", "1.5"], "target"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2_before_anything_runs(tmp_path, args, message):
+    out = tmp_path / "cmp"
+    result = CliRunner().invoke(app, ["compare", "--out", str(out), "--task", "digits", *args])
+    assert result.exit_code == 2, result.output
+    lines = result.output.strip().splitlines()
+    assert lines[-1].startswith("error: ") or "Invalid value" in result.output
+    assert message in result.output
+    assert not out.exists()
+
+
+def test_per_algorithm_tables_and_their_limits(tmp_path):
+    spec = tmp_path / "cmp.toml"
+    spec.write_text(
+        'algorithms = ["decomfl", "fedavg"]\n[run]\ntask = "digits"\nrounds = 5\n'
+        "[algorithm.fedavg]\nlr = 0.1\n"
+    )
+    comparison = cmp.plan(tmp_path / "out", file=spec)
+    assert comparison.runs["fedavg", 0].lr == 0.1
+    assert comparison.runs["decomfl", 0].lr == 0.03  # the tuned default
+    assert comparison.runs["decomfl", 0].rounds == comparison.runs["fedavg", 0].rounds == 5
+    spec.write_text('algorithms = ["decomfl"]\n[algorithm.decomfl]\nclients = 4\n')
+    with pytest.raises(ConfigError, match="clients must be the same for every algorithm"):
+        cmp.plan(tmp_path / "out", file=spec)
+    spec.write_text('algorithms = ["decomfl"]\n[algorithm.hiso]\nlr = 1.0\n')
+    with pytest.raises(
+        ConfigError, match=r"algorithm\.hiso: a table for an algorithm not compared"
+    ):
+        cmp.plan(tmp_path / "out", file=spec)
+
+
+def test_a_changed_setting_on_an_existing_comparison_is_refused(tmp_path):
+    comparison = cmp.plan(tmp_path, ["decomfl"], [0], task="digits", rounds=2, eval_every=1)
+    cmp.execute(comparison, echo=lambda _: None)
+    with pytest.raises(ConfigError, match=r"was run with mu=0\.001"):
+        cmp.plan(tmp_path, ["decomfl"], [0], task="digits", rounds=2, mu=0.01)
