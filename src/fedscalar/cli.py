@@ -140,7 +140,11 @@ def compare(
     ] = None,
     config: Annotated[
         Path | None,
-        typer.Option("--config", help="TOML comparison file ([run] and [algorithm.<name>])."),
+        typer.Option(
+            "--config",
+            help="TOML comparison file: shared options in a run table, "
+            "per-algorithm ones in algorithm.NAME tables.",
+        ),
     ] = None,
     target: Annotated[
         float | None,
