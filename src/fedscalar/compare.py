@@ -73,6 +73,12 @@ SHARED_ONLY = frozenset(
 )
 """Options that define the federation and its evaluation: the same for every algorithm."""
 
+CONTINUABLE = frozenset(
+    {"rounds", "out", "runtime", "min_replies", "short_round", "round_retries", "reply_timeout"}
+)
+"""What may differ between a comparison and the runs it finds in its folder: more rounds
+extend them; anything else (a learning rate included) would mix two configurations."""
+
 FINISHED = ("completed", "diverged")
 """Run statuses a re-run leaves alone (a diverged run diverges again the same way)."""
 
@@ -168,14 +174,14 @@ def plan(
 
 
 def _check_existing(comparison: Comparison) -> None:
-    """Refuse to resume a run folder that was started with different settings."""
+    """Refuse to reuse a run folder that was started with different settings."""
     for (name, seed), cfg in comparison.runs.items():
         rd = RunDir(comparison.folder(name, seed))
         if not rd.exists():
             continue
         stored = build_config(rd.config)
         for field in RunConfig.model_fields:
-            if field in RESUMABLE_CHANGES:
+            if field in CONTINUABLE:
                 continue
             if getattr(stored, field) != getattr(cfg, field):
                 raise ConfigError(
