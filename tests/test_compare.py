@@ -161,7 +161,7 @@ def test_a_changed_setting_on_an_existing_comparison_is_refused(tmp_path):
     comparison = cmp.plan(tmp_path, ["decomfl"], [0], task="digits", rounds=2, eval_every=1)
     cmp.execute(comparison, echo=lambda _: None)
     with pytest.raises(ConfigError, match=r"was run with mu=0\.001"):
-        cmp.plan(tmp_path, ["decomfl"], [0], task="digits", rounds=2, mu=0.01)
+        cmp.plan(tmp_path, ["decomfl"], [0], task="digits", rounds=2, eval_every=1, mu=0.01)
     with pytest.raises(ConfigError, match=r"was run with lr=0\.03"):  # no mixed runs
-        cmp.plan(tmp_path, ["decomfl"], [0], task="digits", rounds=2, lr=0.1)
-    cmp.plan(tmp_path, ["decomfl"], [0], task="digits", rounds=4)  # more rounds: fine
+        cmp.plan(tmp_path, ["decomfl"], [0], task="digits", rounds=2, eval_every=1, lr=0.1)
+    cmp.plan(tmp_path, ["decomfl"], [0], task="digits", rounds=4, eval_every=1)  # extends
