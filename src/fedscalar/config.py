@@ -57,8 +57,7 @@ DEFAULT_LR = {
     **{(a, "digits"): 0.3 for a in ("fedavg-topk", "fedavg-qsgd")},
     **{(a, "mnist"): 0.3 for a in ("fedavg-topk", "fedavg-qsgd")},
     **{(a, t): 1e-4 for a in ("fedavg-topk", "fedavg-qsgd") for t in TEXT_TASKS},
-    **{(a, "digits"): 0.03 for a in ("fedzo", "mezo")},
-    **{(a, "digits"): 0.1 for a in ("fedkseed", "fedkseed-pro")},
+    **{(a, "digits"): 0.03 for a in ("fedzo", "fedkseed", "fedkseed-pro", "mezo")},
     **{(a, "mnist"): 0.01 for a in ("fedzo", "fedkseed", "fedkseed-pro", "mezo")},
     **{(a, t): 1e-5 for a in ("fedzo", "fedkseed", "fedkseed-pro", "mezo") for t in TEXT_TASKS},
 }
