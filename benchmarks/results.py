@@ -29,12 +29,15 @@ READING = SPECS / "reading.md"
 
 
 def _ratio(rows, a: str, b: str) -> str:
+    """``b``'s bytes per client over ``a``'s: over the whole runs, and per client-round."""
     by = {r.algorithm: r for r in rows}
     if a not in by or b not in by:
         return "-"
-    mine = by[a].bytes_up + by[a].bytes_down
-    theirs = by[b].bytes_up + by[b].bytes_down
-    return f"{theirs / mine:,.0f}x" if mine else "-"
+    run_a, run_b = (by[x].bytes_up + by[x].bytes_down for x in (a, b))
+    round_a, round_b = (by[x].up_per_round + by[x].down_per_round for x in (a, b))
+    if not run_a or not round_a:
+        return "-"
+    return f"{run_b / run_a:,.0f}x over the runs, {round_b / round_a:,.0f}x per client-round"
 
 
 def _facts(rows) -> str:
@@ -45,8 +48,8 @@ def _facts(rows) -> str:
         for ref in ("fedavg", "fedzo", "fedkseed"):
             if ref in by:
                 out.append(
-                    f"- {ref} moves {_ratio(rows, 'decomfl', ref)} the bytes per client of "
-                    "DeComFL over the run (up + down)."
+                    f"- {ref}: DeComFL's bytes per client (up + down) times "
+                    f"{_ratio(rows, 'decomfl', ref)}."
                 )
         d = statistics.mean(by["decomfl"].final)
         for ref in ("fedavg", "fedzo", "mezo", "hiso"):
