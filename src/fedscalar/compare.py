@@ -246,8 +246,13 @@ def execute(
     comparison: Comparison,
     jobs: int = 1,
     echo: Callable[[str], None] = print,
+    progress_every: float = 60.0,
 ) -> dict[tuple[str, int], dict[str, Any]]:
-    """Train every run that is not finished; return each run's summary."""
+    """Train every run that is not finished; return each run's summary.
+
+    Every ``progress_every`` seconds without a finished run, ``echo`` gets the rounds the
+    runs in flight have completed.
+    """
     comparison.out.mkdir(parents=True, exist_ok=True)
     todo = []
     for (name, seed), cfg in comparison.runs.items():
@@ -270,10 +275,15 @@ def execute(
             done_count = 0
             try:
                 while pending:
-                    finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    finished, _ = wait(pending, timeout=progress_every, return_when=FIRST_COMPLETED)
+                    if not finished:
+                        echo("running: " + _progress(comparison, pending.values()))
                     for future in finished:
                         name, seed, _ = pending.pop(future)
-                        summary = future.result()
+                        try:
+                            summary = future.result()
+                        except Exception as e:  # the process died (killed, out of memory)
+                            summary = {"status": "error", "error": f"training process: {e!r}"}
                         results[name, seed] = summary
                         done_count += 1
                         echo(f"[{done_count}/{len(todo)}] {name} seed {seed}: {_brief(summary)}")
@@ -281,6 +291,17 @@ def execute(
                 pool.shutdown(wait=True, cancel_futures=True)
                 raise
     return results
+
+
+def _progress(comparison: Comparison, runs) -> str:
+    """``decomfl seed 0 146/200, ...`` for the runs that have started."""
+    parts = []
+    for name, seed, _ in runs:
+        history = RunDir(comparison.folder(name, seed)).read_metrics()
+        if history:
+            total = comparison.runs[name, seed].rounds
+            parts.append(f"{name} seed {seed} {history[-1]['round']}/{total}")
+    return ", ".join(parts) or "starting"
 
 
 def _brief(summary: dict[str, Any]) -> str:
