@@ -30,12 +30,10 @@ from fedscalar.algorithms.base import (
     Client,
     ClientData,
     RejectedReply,
-    Server,
-    check_finite,
     check_round,
     check_values,
 )
-from fedscalar.algorithms.zo import ProtocolError, ZOAlgorithm, ZOState
+from fedscalar.algorithms.zo import ProtocolError, ReplayServer, ZOAlgorithm, ZOState
 from fedscalar.messages import (
     GlobalUpdate,
     Message,
@@ -139,7 +137,7 @@ class FedKSeedClient(Client):
         return reply
 
 
-class FedKSeedServer(Server):
+class FedKSeedServer(ReplayServer):
     def __init__(
         self,
         algo: ZOAlgorithm,
@@ -148,20 +146,12 @@ class FedKSeedServer(Server):
         pool: tuple[int, ...],
         pro: bool,
     ):
-        self.algo, self.state, self.space = algo, state, state.space
-        self.history, self.pool, self.pro = history, pool, pro
+        super().__init__(algo, state, history)
+        self.pool, self.pro = pool, pro
         self.index = {s: j for j, s in enumerate(pool)}
-        self.synced: dict[int, int] = {}
         self.amp_sum = np.zeros(len(pool))
         self.amp_count = np.zeros(len(pool))
         self._stats_upto = 0  # rounds of the history counted in the amplitude statistics
-
-    @property
-    def round(self) -> int:
-        return self.state.round
-
-    def mark_synced(self, client_id: int, rounds: int) -> None:
-        self.synced[client_id] = rounds
 
     def sync_message(self, have: int, now: int) -> SeedSync:
         """The change of the per-direction accumulators over rounds ``have+1..now``."""
@@ -217,12 +207,7 @@ class FedKSeedServer(Server):
         entry_seeds = tuple(self.pool[j] for c in cids for j in replies[c].indices)
         scalars = np.concatenate([replies[c].scalars.astype(np.float64) for c in cids]) / m
         update = GlobalUpdate(rnd, float(np.float32(lr)), entry_seeds, scalars.astype(np.float32))
-        self.apply(update)
-        for cid in cids:
-            self.synced[cid] = rnd - 1  # the client's local progress is not kept
-        check_finite(
-            "the updated weights", rnd, *(float(p.detach().sum()) for p in self.space.params)
-        )
+        self._commit(update, cids)
         return update, float(np.mean([replies[c].loss for c in cids]))
 
     def skip(self, rnd, seeds) -> GlobalUpdate:
@@ -230,12 +215,3 @@ class FedKSeedServer(Server):
         update = GlobalUpdate(rnd, 0.0, (), np.zeros((0, p), np.float32))
         self.apply(update)
         return update
-
-    def apply(self, update: GlobalUpdate) -> None:
-        self.algo.apply(self.state, update)
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        return self.state.tensors()
-
-    def load_state_tensors(self, tensors, rnd) -> None:
-        self.state.load_tensors(tensors, rnd)

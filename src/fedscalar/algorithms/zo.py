@@ -223,7 +223,45 @@ class ZOClient(Client):
         return reply
 
 
-class ZOServer(Server):
+class ReplayServer(Server):
+    """A server whose state is a `ZOState` replayed from the ledger with `ZOAlgorithm.apply`
+    (DeComFL, HiSo, MeZO, FedKSeed): what they share besides their messages."""
+
+    def __init__(self, algo: ZOAlgorithm, state: ZOState, history: list[GlobalUpdate]):
+        self.algo, self.state, self.space = algo, state, state.space
+        self.history = history  # rounds 1..n, shared with the ledger
+        self.synced: dict[int, int] = {}  # client id -> rounds applied on that client
+
+    @property
+    def round(self) -> int:
+        return self.state.round
+
+    def mark_synced(self, client_id: int, rounds: int) -> None:
+        self.synced[client_id] = rounds
+
+    def _commit(self, update: GlobalUpdate, clients) -> None:
+        """Apply a round's update; its clients now hold the state before it (they discard
+        their local progress). Raises `Diverged` if the weights became non-finite."""
+        self.apply(update)
+        for cid in clients:
+            self.synced[cid] = update.round - 1
+        check_finite(
+            "the updated weights",
+            update.round,
+            *(float(p.detach().sum()) for p in self.space.params),
+        )
+
+    def apply(self, update: GlobalUpdate) -> None:
+        self.algo.apply(self.state, update)
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return self.state.tensors()
+
+    def load_state_tensors(self, tensors, rnd) -> None:
+        self.state.load_tensors(tensors, rnd)
+
+
+class ZOServer(ReplayServer):
     """Aggregates scalars, applies the update, and serves catch-up from the ledger."""
 
     def __init__(
@@ -236,18 +274,9 @@ class ZOServer(Server):
         trim_fraction: float = 0.2,
         krum_f: int | None = None,
     ):
-        self.algo, self.state, self.space = algo, state, state.space
+        super().__init__(algo, state, history)
         self.aggregator, self.trim_fraction, self.krum_f = aggregator, trim_fraction, krum_f
-        self.history = history  # rounds 1..n, shared with the ledger
-        self.synced: dict[int, int] = {}  # client id -> rounds applied on that client
         self.catch_up_mode = catch_up_mode  # "replay", or "auto": the state when smaller
-
-    @property
-    def round(self) -> int:
-        return self.state.round
-
-    def mark_synced(self, client_id: int, rounds: int) -> None:
-        self.synced[client_id] = rounds
 
     def messages_for(self, client_id, rnd, lr, seeds) -> list[Message]:
         have = self.synced.get(client_id, 0)
@@ -286,12 +315,7 @@ class ZOServer(Server):
         gbar = gbar.reshape(shape).astype(np.float32)
         losses = [replies[c].loss for c in cids]
         update = GlobalUpdate(rnd, float(np.float32(lr)), tuple(seeds), gbar)
-        self.apply(update)
-        for cid in replies:
-            self.synced[cid] = rnd - 1  # the client discarded its local progress
-        check_finite(
-            "the updated weights", rnd, *(float(p.detach().sum()) for p in self.space.params)
-        )
+        self._commit(update, cids)
         return update, float(np.mean(losses))
 
     def skip(self, rnd, seeds) -> GlobalUpdate:
@@ -306,12 +330,3 @@ class ZOServer(Server):
             self.space.flat().numpy(),
             torch.cat(h).cpu().numpy() if h is not None else None,
         )
-
-    def apply(self, update: GlobalUpdate) -> None:
-        self.algo.apply(self.state, update)
-
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        return self.state.tensors()
-
-    def load_state_tensors(self, tensors, rnd) -> None:
-        self.state.load_tensors(tensors, rnd)
