@@ -8,25 +8,11 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-ALGORITHMS = (
-    "decomfl",
-    "hiso",
-    "fedavg",
-    "fedavg-topk",
-    "fedavg-qsgd",
-    "fedzo",
-    "fedkseed",
-    "fedkseed-pro",
-    "mezo",
-)
-ZO_ALGORITHMS = ("decomfl", "hiso")
-FLOWER_ALGORITHMS = ("decomfl", "hiso", "fedavg")
-"""Algorithms the Flower runtimes carry; the others run in the local simulator."""
 Algorithm = Literal[
     "decomfl",
     "hiso",
@@ -38,6 +24,10 @@ Algorithm = Literal[
     "fedkseed-pro",
     "mezo",
 ]
+ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
+ZO_ALGORITHMS = ("decomfl", "hiso")
+FLOWER_ALGORITHMS = ("decomfl", "hiso", "fedavg")
+"""Algorithms the Flower runtimes carry; the others run in the local simulator."""
 TASKS = ("digits", "mnist", "sentiment", "text-classification")
 TEXT_TASKS = ("sentiment", "text-classification")
 
