@@ -7,7 +7,6 @@ a report can be redrawn at any time, also from a comparison still in progress.
 from __future__ import annotations
 
 import csv
-import json
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,10 +56,7 @@ def collect(comparison: Comparison, target: float | None = None) -> tuple[list[R
             history = rd.read_metrics()
             if not history:
                 continue
-            try:
-                summary = json.loads(rd.summary.read_text())
-            except (OSError, ValueError):
-                summary = {"status": "running"}
+            summary = rd.read_summary() or {"status": "running"}
             raw.setdefault(name, []).append((summary, history))
     if target is None:
         finals = [
@@ -212,47 +208,6 @@ def write_csv(rows: list[Row], path: Path, target: float | None) -> None:
             )
 
 
-def plot(rows: list[Row], path: Path, title: str = "") -> None:
-    """Accuracy against rounds and against cumulative bytes (log), mean ± std over
-    seeds, one line per algorithm."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    fig, (ax_r, ax_b) = plt.subplots(1, 2, figsize=(11, 4.2), constrained_layout=True)
-    for r in rows:
-        length = min(len(c) for c in r.curves)
-        acc = np.array([[h["test_accuracy"] for h in c[:length]] for c in r.curves])
-        rounds = [h["round"] for h in r.curves[0][:length]]
-        traffic = np.array(
-            [
-                [(h["bytes_up_cumulative"] + h["bytes_down_cumulative"]) for h in c[:length]]
-                for c in r.curves
-            ]
-        ).mean(axis=0)
-        mean, std = acc.mean(axis=0), acc.std(axis=0)
-        (line,) = ax_r.plot(rounds, mean, label=r.algorithm)
-        ax_r.fill_between(rounds, mean - std, mean + std, color=line.get_color(), alpha=0.15)
-        keep = traffic > 0  # MeZO sends nothing: no point on a log axis
-        if keep.any():
-            ax_b.plot(traffic[keep], mean[keep], color=line.get_color(), label=r.algorithm)
-    ax_r.set(xlabel="round", ylabel="test accuracy", title=title)
-    ax_b.set(
-        xlabel="cumulative bytes, up + down, all clients (log)",
-        ylabel="test accuracy",
-        xscale="log",
-        title=title,
-    )
-    for ax in (ax_r, ax_b):
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-    fig.savefig(path, dpi=72)
-    plt.close(fig)
-
-
 def write_report(comparison: Comparison, title: str = "") -> tuple[Path, list[Row], float | None]:
     """``results.md``, ``results.csv`` and ``comparison.png`` in the comparison folder."""
     rows, target = collect(comparison, comparison.target)
@@ -263,5 +218,7 @@ def write_report(comparison: Comparison, title: str = "") -> tuple[Path, list[Ro
     )
     write_csv(rows, out / "results.csv", target)
     if rows:
-        plot(rows, out / "comparison.png", title)
+        from fedscalar.plots import plot_comparison
+
+        plot_comparison({r.algorithm: r.curves for r in rows}, out / "comparison.png", title)
     return out / "results.md", rows, target
