@@ -195,21 +195,12 @@ def state_of(folder: Path, cfg: RunConfig) -> str:
     rd = RunDir(folder)
     if not rd.exists() or not rd.metrics.exists():
         return "new"
-    summary = _read_summary(rd)
+    summary = rd.read_summary()
     finished = summary is not None and (
         summary["status"] == "diverged"
         or (summary["status"] == "completed" and summary["rounds"] >= cfg.rounds)
     )
     return "done" if finished else "resume"
-
-
-def _read_summary(rd: RunDir) -> dict[str, Any] | None:
-    import json
-
-    try:
-        return json.loads(rd.summary.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _train(cfg_toml: str, mode: str, threads: int) -> dict[str, Any]:
@@ -234,7 +225,7 @@ def _train(cfg_toml: str, mode: str, threads: int) -> dict[str, Any]:
             return result.summary
         return run(cfg).summary
     except RunFailed as e:
-        summary = _read_summary(RunDir(folder)) or {}
+        summary = RunDir(folder).read_summary() or {}
         return {**summary, "status": summary.get("status", "failed"), "error": str(e)}
     except KeyboardInterrupt:
         return {"status": "interrupted"}

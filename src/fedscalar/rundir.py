@@ -76,5 +76,12 @@ class RunDir:
         tmp.write_text(text)
         os.replace(tmp, path)
 
+    def read_summary(self) -> dict[str, Any] | None:
+        """The run's ``summary.json``, or None if it is missing or unreadable."""
+        try:
+            return json.loads(self.summary.read_text())
+        except (OSError, ValueError):
+            return None
+
     def write_summary(self, summary: dict[str, Any]) -> None:
         self.write_atomic(self.summary, json.dumps(summary, indent=2) + "\n")
