@@ -18,9 +18,6 @@ SCALAR = ("decomfl", "hiso", "mezo")
 SEED_POOL = ("fedkseed", "fedkseed-pro")
 REPLAYABLE = SCALAR + SEED_POOL
 """Algorithms whose weights are a pure function of the base weights and the ledger."""
-FIRST_ORDER = ("fedavg", "fedavg-topk", "fedavg-qsgd")
-DELTA = (*FIRST_ORDER, "fedzo")
-"""Algorithms whose clients upload a whole weight change."""
 
 
 def zo_settings(cfg: RunConfig) -> ZOSettings:
@@ -83,8 +80,6 @@ def make_client(cfg: RunConfig, space: ParamSpace, server: Server | None = None)
 
 
 __all__ = [
-    "DELTA",
-    "FIRST_ORDER",
     "REPLAYABLE",
     "SCALAR",
     "SEED_POOL",
