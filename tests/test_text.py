@@ -229,3 +229,33 @@ def test_bfloat16_weights_train_and_stay_bfloat16(tiny_llama, news_csv, tmp_path
     base, _ = RunDir.load_tensors(out / "base.safetensors")
     assert weights and all(w.dtype == torch.bfloat16 for w in weights.values())
     assert any(not torch.equal(weights[k], base[k]) for k in weights)  # it did train
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_bert"])
+@pytest.mark.parametrize("budget", [8, 20, 10_000])
+def test_packed_batches_score_like_one_sequence_at_a_time(request, news_csv, fixture, budget):
+    task = build_task(_cfg(request.getfixturevalue(fixture), news_csv, max_length=16))
+    task.s.pack_tokens = budget
+    model = task.build_model(0)
+    assert task.packed  # both architectures honour the block mask
+    idx = np.array([0, 1, 2, 5, 7, 11, 13])
+    tokens, _ = task.batch(idx)
+    if budget == 8:
+        assert tokens.ids.shape[0] > 1  # several rows, some holding several texts
+    with torch.no_grad():
+        packed = model(tokens)
+        alone = torch.cat([model(task._tokens([task.train_ids[i]])) for i in idx])
+    torch.testing.assert_close(packed, alone, rtol=1e-5, atol=1e-5)
+
+
+def test_a_model_that_ignores_the_block_mask_gets_padded_batches(tiny_bert, news_csv):
+    task = build_task(_cfg(tiny_bert, news_csv, max_length=16))
+    model = task.build_model(0)
+    forward = model.encoder.forward
+    model.encoder.forward = lambda **kw: forward(**{**kw, "attention_mask": None})
+    with pytest.warns(UserWarning, match="batches are padded"):
+        assert not task._packing_works(model)
+    model.encoder.forward = forward
+    task.packed = False
+    tokens, _ = task.batch(np.array([0, 1, 2]))
+    assert tokens.positions is None and tokens.ids.shape[0] == 3

@@ -76,6 +76,7 @@ def run(
     verbalizers: Annotated[str | None, _opt("verbalizers")] = None,
     max_length: Annotated[int | None, _opt("max_length")] = None,
     eval_examples: Annotated[int | None, _opt("eval_examples")] = None,
+    pack_tokens: Annotated[int | None, _opt("pack_tokens")] = None,
     lora: Annotated[bool | None, _opt("lora", "--lora/--no-lora")] = None,
     lora_rank: Annotated[int | None, _opt("lora_rank")] = None,
     lora_alpha: Annotated[float | None, _opt("lora_alpha")] = None,

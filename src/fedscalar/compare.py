@@ -52,6 +52,7 @@ SHARED_ONLY = frozenset(
         "batch_size",
         "eval_every",
         "eval_examples",
+        "pack_tokens",
         "dataset",
         "text_column",
         "label_column",

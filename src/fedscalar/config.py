@@ -139,6 +139,12 @@ class RunConfig(BaseModel):
     eval_examples: int = Field(
         500, ge=0, description="Text tasks: fixed test subset evaluated (0: the whole test set)."
     )
+    pack_tokens: int = Field(
+        256,
+        ge=0,
+        description="Text tasks: examples are packed without padding into rows of at most "
+        "this many tokens (0: one padded example per row).",
+    )
     lora: bool = Field(False, description="Text tasks: train LoRA adapters (PEFT) only.")
     lora_rank: int = Field(8, ge=1, description="LoRA rank.")
     lora_alpha: float = Field(16.0, gt=0, description="LoRA alpha (scale alpha/rank).")

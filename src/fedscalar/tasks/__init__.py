@@ -45,6 +45,7 @@ def build_task(cfg: RunConfig) -> Task:
         lora_targets=cfg.lora_targets,
         dtype=cfg.dtype,
         eval_examples=cfg.eval_examples,
+        pack_tokens=cfg.pack_tokens,
     )
     if cfg.task == "sentiment":
         data = text.load_sentiment()

@@ -9,6 +9,7 @@ Encoders mean-pool their last hidden states into a linear head.
 from __future__ import annotations
 
 import importlib.util
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from fedscalar.tasks.base import Task
 SPLIT_SEED = 20240524
 SENTIMENT_TEMPLATE = "{text} It was"
 SENTIMENT_VERBALIZERS = (" terrible", " great")
+PACK_TOKENS = 256
+"""Token budget of one packed row (0: no packing, one padded sequence per row)."""
 
 
 @dataclass
@@ -118,28 +121,106 @@ def load_dataset_columns(dataset: str, text_column: str, label_column: str) -> T
     )
 
 
+@dataclass
+class Tokens:
+    """A batch of token sequences laid out for one forward pass.
+
+    Packed (the default): sequences are concatenated into rows of at most a token budget,
+    with no padding between them; ``mask`` is an additive ``(rows, 1, T, T)`` mask that
+    keeps each sequence to itself (block diagonal, and causal for causal LMs) and
+    ``positions`` restart at 0 for each sequence. Padded (for models whose attention
+    ignores such a mask): one sequence per row, right padding, ``mask`` is the usual
+    ``(rows, T)`` 0/1 mask and ``positions`` is None.
+
+    ``row[i]``, ``start[i]`` and ``length[i]`` locate sequence ``i`` (in batch order).
+    """
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor | None
+    row: torch.Tensor
+    start: torch.Tensor
+    length: torch.Tensor
+
+    def to(self, device: torch.device) -> Tokens:
+        return Tokens(
+            self.ids.to(device),
+            self.mask.to(device),
+            None if self.positions is None else self.positions.to(device),
+            self.row.to(device),
+            self.start.to(device),
+            self.length.to(device),
+        )
+
+    def inputs(self) -> dict[str, torch.Tensor]:
+        """Keyword arguments for a Hugging Face model's forward."""
+        out = {"input_ids": self.ids, "attention_mask": self.mask}
+        if self.positions is not None:
+            out["position_ids"] = self.positions
+        return out
+
+
+def lay_out(
+    seqs: list[list[int]],
+    pad_id: int,
+    *,
+    packed: bool,
+    causal: bool,
+    budget: int,
+    dtype: torch.dtype = torch.float32,
+) -> Tokens:
+    """Lay ``seqs`` out as `Tokens`: packed into rows of at most ``budget`` tokens (in
+    order, a new row when the next sequence does not fit), or one per row, padded."""
+    rows: list[list[int]] = []
+    used: list[int] = []
+    for i, s in enumerate(seqs):
+        if packed and rows and used[-1] + len(s) <= budget:
+            rows[-1].append(i)
+            used[-1] += len(s)
+        else:
+            rows.append([i])
+            used.append(len(s))
+    width = max(used)
+    n = len(seqs)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    segment = torch.full((len(rows), width), -1, dtype=torch.long)  # -1: padding
+    positions = torch.zeros((len(rows), width), dtype=torch.long)
+    row, start, length = (torch.zeros(n, dtype=torch.long) for _ in range(3))
+    for r, members in enumerate(rows):
+        offset = 0
+        for i in members:
+            s = seqs[i]
+            ids[r, offset : offset + len(s)] = torch.tensor(s)
+            segment[r, offset : offset + len(s)] = i
+            positions[r, offset : offset + len(s)] = torch.arange(len(s))
+            row[i], start[i], length[i] = r, offset, len(s)
+            offset += len(s)
+    if not packed:
+        return Tokens(ids, (segment >= 0).long(), None, row, start, length)
+    same = segment[:, :, None] == segment[:, None, :]  # padding attends to padding only
+    if causal:
+        same &= torch.ones(width, width, dtype=torch.bool).tril()
+    mask = torch.zeros(same.shape, dtype=dtype).masked_fill_(~same, torch.finfo(dtype).min)
+    return Tokens(ids, mask[:, None], positions, row, start, length)
+
+
 class PromptClassifier(nn.Module):
-    """Class scores of a causal LM: verbalizer-token logits at the last prompt token."""
+    """Class scores of a causal LM: verbalizer-token logits at each prompt's last token."""
 
     def __init__(self, lm: nn.Module, verbalizer_ids: list[int]):
         super().__init__()
         self.lm = lm
         self.register_buffer("verbalizers", torch.tensor(verbalizer_ids), persistent=False)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding
-        out = self.lm(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=positions,
-            logits_to_keep=1,
-            use_cache=False,
-        )
-        return out.logits[:, -1, :].index_select(-1, self.verbalizers).float()
+    def forward(self, tokens: Tokens) -> torch.Tensor:
+        h = self.lm.get_decoder()(**tokens.inputs(), use_cache=False).last_hidden_state
+        last = h[tokens.row, tokens.start + tokens.length - 1]  # (batch, hidden)
+        logits = self.lm.get_output_embeddings()(last)  # a module call: perturbation hooks run
+        return logits.index_select(-1, self.verbalizers).float()
 
 
 class EncoderClassifier(nn.Module):
-    """Mean of the encoder's last hidden states over real tokens, then a linear head."""
+    """Mean of the encoder's last hidden states over each text's tokens, then a linear head."""
 
     def __init__(self, encoder: nn.Module, classes: int):
         super().__init__()
@@ -147,11 +228,17 @@ class EncoderClassifier(nn.Module):
         hidden = encoder.config.hidden_size
         self.head = nn.Linear(hidden, classes).to(next(encoder.parameters()).dtype)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        h = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(h.dtype)
-        pooled = (h * mask).sum(1) / mask.sum(1).clamp(min=1)
-        return self.head(pooled).float()
+    def pool(self, tokens: Tokens) -> torch.Tensor:
+        h = self.encoder(**tokens.inputs()).last_hidden_state
+        rows, width, hidden = h.shape
+        flat = torch.arange(rows * width, device=h.device)
+        begin = (tokens.row * width + tokens.start)[:, None]
+        inside = (flat >= begin) & (flat < begin + tokens.length[:, None])  # (batch, rows*width)
+        weights = inside.to(h.dtype) / tokens.length[:, None].to(h.dtype)
+        return weights @ h.reshape(rows * width, hidden)  # a matmul: deterministic everywhere
+
+    def forward(self, tokens: Tokens) -> torch.Tensor:
+        return self.head(self.pool(tokens)).float()
 
 
 @dataclass
@@ -167,6 +254,7 @@ class TextSettings:
     dtype: str = "float32"
     eval_examples: int = 500
     eval_batch_size: int = 32
+    pack_tokens: int = PACK_TOKENS
 
 
 class TextTask(Task):
@@ -212,6 +300,8 @@ class TextTask(Task):
             self._suffix = tok.encode(suffix, add_special_tokens=False) if suffix else []
             if len(self._prefix) + len(self._suffix) >= settings.max_length:
                 raise ValueError(f"max_length: {settings.max_length} leaves no room for text")
+        self._dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[settings.dtype]
+        self.packed = settings.pack_tokens > 0  # confirmed for the model by build_model
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
         self.train_ids = self._encode(data.train_texts)
         self.test_ids = self._encode(data.test_texts)
@@ -227,20 +317,18 @@ class TextTask(Task):
             return [self._prefix + b[:budget] + self._suffix for b in bodies]
         return tok(texts, truncation=True, max_length=self.s.max_length)["input_ids"]
 
-    def _pad(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            if self.pre.kind == "causal":  # left padding: the answer position is the last
-                ids[i, width - len(s) :], mask[i, width - len(s) :] = torch.tensor(s), 1
-            else:
-                ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
-        return ids, mask
+    def _tokens(self, seqs: list[list[int]]) -> Tokens:
+        return lay_out(
+            seqs,
+            self.pad_id,
+            packed=self.packed,
+            causal=self.pre.kind == "causal",
+            budget=self.s.pack_tokens,
+            dtype=self._dtype,
+        )
 
     def build_model(self, seed: int) -> nn.Module:
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[self.s.dtype]
-        backbone = hf.load_backbone(self.pre, dtype)
+        backbone = hf.load_backbone(self.pre, self._dtype)
         if self.s.lora:
             torch.manual_seed(seed)
             backbone = hf.add_lora(
@@ -253,31 +341,55 @@ class TextTask(Task):
             model = EncoderClassifier(backbone, self.classes)
             if self.s.lora:
                 model.head.requires_grad_(True)
-        return model.eval()  # dropout off: ZO differences need a deterministic loss
+        model.eval()  # dropout off: ZO differences need a deterministic loss
+        self.packed = self.s.pack_tokens > 0 and self._packing_works(model)
+        return model
+
+    @torch.no_grad()
+    def _packing_works(self, model: nn.Module) -> bool:
+        """Whether packed sequences score as they do one per row (the attention honours a
+        custom block mask); otherwise batches are padded, one sequence per row."""
+        seqs = [s[:12] for s in self.train_ids[:3]]
+        layouts = []
+        for packed in (False, True):
+            self.packed = packed
+            layouts.append(model(self._tokens(seqs).to(next(model.parameters()).device)))
+        padded, packed_scores = layouts
+        tol = 1e-3 if self._dtype == torch.float32 else 5e-2
+        ok = bool(((padded - packed_scores).abs() <= tol * (1 + padded.abs())).all())
+        if not ok:
+            warnings.warn(
+                f"{self.model_name}: packed sequences score differently from padded ones "
+                "(its attention ignores a custom mask); batches are padded instead",
+                stacklevel=2,
+            )
+        return ok
 
     @property
     def train_labels(self) -> np.ndarray:
         return self.data.train_labels
 
     def batch(self, indices: np.ndarray):
-        ids, mask = self._pad([self.train_ids[i] for i in indices])
-        return ids, mask, torch.from_numpy(self.data.train_labels[np.asarray(indices)])
+        tokens = self._tokens([self.train_ids[i] for i in indices])
+        return tokens, torch.from_numpy(self.data.train_labels[np.asarray(indices)])
 
     def loss(self, model: nn.Module, batch) -> torch.Tensor:
-        ids, mask, labels = batch
+        tokens, labels = batch
         device = next(model.parameters()).device
-        return F.cross_entropy(model(ids.to(device), mask.to(device)), labels.to(device))
+        return F.cross_entropy(model(tokens.to(device)), labels.to(device))
 
     @torch.no_grad()
-    def evaluate(self, model: nn.Module) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, index: np.ndarray | None = None) -> dict[str, float]:
+        """Test loss and accuracy on the fixed evaluation subset (or on ``index``)."""
         device = next(model.parameters()).device
+        index = self.eval_index if index is None else index
         total_loss, correct = 0.0, 0
-        for start in range(0, len(self.eval_index), self.s.eval_batch_size):
-            idx = self.eval_index[start : start + self.s.eval_batch_size]
-            ids, mask = self._pad([self.test_ids[i] for i in idx])
+        for start in range(0, len(index), self.s.eval_batch_size):
+            idx = index[start : start + self.s.eval_batch_size]
+            tokens = self._tokens([self.test_ids[i] for i in idx])
             labels = torch.from_numpy(self.data.test_labels[idx]).to(device)
-            logits = model(ids.to(device), mask.to(device))
+            logits = model(tokens.to(device))
             total_loss += float(F.cross_entropy(logits, labels, reduction="sum"))
             correct += int((logits.argmax(-1) == labels).sum())
-        n = len(self.eval_index)
+        n = len(index)
         return {"test_loss": total_loss / n, "test_accuracy": correct / n}
