@@ -50,6 +50,15 @@ def run(
         Path | None, typer.Option("--config", help="TOML file with run options.")
     ] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out.")] = False,
+    from_round: Annotated[
+        int | None,
+        typer.Option(
+            "--from-round",
+            help="With --resume: roll the run back to this round first (its later rounds "
+            "are discarded), e.g. to continue from before a divergence with a smaller --lr.",
+            show_default=False,
+        ),
+    ] = None,
     algorithm: Annotated[str | None, _opt("algorithm")] = None,
     task: Annotated[str | None, _opt("task")] = None,
     model: Annotated[str | None, _opt("model")] = None,
@@ -59,6 +68,11 @@ def run(
     local_steps: Annotated[int | None, _opt("local_steps")] = None,
     perturbations: Annotated[int | None, _opt("perturbations")] = None,
     lr: Annotated[float | None, _opt("lr")] = None,
+    lr_schedule: Annotated[str | None, _opt("lr_schedule")] = None,
+    lr_warmup: Annotated[int | None, _opt("lr_warmup")] = None,
+    lr_decay_rounds: Annotated[int | None, _opt("lr_decay_rounds")] = None,
+    lr_decay_to: Annotated[float | None, _opt("lr_decay_to")] = None,
+    divergence_ratio: Annotated[float | None, _opt("divergence_ratio")] = None,
     mu: Annotated[float | None, _opt("mu")] = None,
     difference: Annotated[str | None, _opt("difference")] = None,
     batch_size: Annotated[int | None, _opt("batch_size")] = None,
@@ -104,8 +118,12 @@ def run(
         if resume:
             if config is not None:
                 raise ConfigError("config: --resume reads the run's own config.toml; drop --config")
-            result = run_training(resume=True, resume_overrides=flags, progress=not quiet)
+            result = run_training(
+                resume=True, resume_overrides=flags, progress=not quiet, from_round=from_round
+            )
         else:
+            if from_round is not None:
+                raise ConfigError("from_round: only with --resume (it rolls a run back)")
             cfg = build_config(config, **flags)
             result = run_training(cfg, progress=not quiet)
     except (ConfigError, LedgerError) as e:

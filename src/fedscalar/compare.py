@@ -161,26 +161,36 @@ def plan(
                 "comparison; set it in [run] or as a flag"
             )
     runs: dict[tuple[str, int], RunConfig] = {}
+    own_horizon: set[tuple[str, int]] = set()  # runs whose lr_decay_rounds was given
     for name in algorithms:
         for seed in seeds:
             values = {**base, **tables.get(name, {}), "algorithm": name, "seed": seed}
             values["out"] = str(run_folder(Path(out), name, seed))
+            if values.get("lr_decay_rounds") is not None:
+                own_horizon.add((name, seed))
             try:
                 runs[name, seed] = _validated(values).resolved()
             except ConfigError as e:
                 raise ConfigError(f"{name}: {e}") from None
     comparison = Comparison(Path(out), tuple(algorithms), tuple(seeds), target, runs)
-    _check_existing(comparison)
+    _check_existing(comparison, own_horizon)
     return comparison
 
 
-def _check_existing(comparison: Comparison) -> None:
-    """Refuse to reuse a run folder that was started with different settings."""
+def _check_existing(comparison: Comparison, own_horizon: set[tuple[str, int]]) -> None:
+    """Refuse to reuse a run folder that was started with different settings.
+
+    A run extended by a larger ``rounds`` keeps its learning-rate schedule (the decay
+    horizon it started with), unless the comparison names ``lr_decay_rounds``.
+    """
     for (name, seed), cfg in comparison.runs.items():
         rd = RunDir(comparison.folder(name, seed))
         if not rd.exists():
             continue
         stored = build_config(rd.config)
+        if (name, seed) not in own_horizon:
+            cfg = cfg.model_copy(update={"lr_decay_rounds": stored.lr_decay_rounds})
+            comparison.runs[name, seed] = cfg
         for field in RunConfig.model_fields:
             if field in CONTINUABLE:
                 continue

@@ -13,6 +13,8 @@ from typing import Any, Literal, get_args
 import tomli_w
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from fedscalar.schedule import learning_rate
+
 Algorithm = Literal[
     "decomfl",
     "hiso",
@@ -58,6 +60,11 @@ RESUMABLE_CHANGES = frozenset(
     {
         "rounds",
         "lr",
+        "lr_schedule",
+        "lr_warmup",
+        "lr_decay_rounds",
+        "lr_decay_to",
+        "divergence_ratio",
         "eval_every",
         "out",
         "runtime",
@@ -101,10 +108,35 @@ class RunConfig(BaseModel):
     lr: float | None = Field(
         None,
         gt=0,
+        allow_inf_nan=False,
         description="Learning rate; default per algorithm and task (config.DEFAULT_LR, "
         "listed in docs/results.md).",
     )
-    mu: float = Field(1e-3, gt=0, description="ZO smoothing radius.")
+    lr_schedule: Literal["constant", "cosine", "linear"] = Field(
+        "constant",
+        description="Learning rate over rounds: constant, or a cosine or linear decay to "
+        "lr-decay-to x lr at round lr-decay-rounds.",
+    )
+    lr_warmup: int = Field(
+        0, ge=0, description="Rounds of linear warm-up from lr/lr-warmup to lr (0: none)."
+    )
+    lr_decay_rounds: int | None = Field(
+        None,
+        ge=1,
+        description="Round at which a decaying schedule reaches its end (default: rounds, "
+        "fixed when the run starts, so extending a run keeps its schedule).",
+    )
+    lr_decay_to: float = Field(
+        0.1, ge=0, le=1, description="Final learning rate of a decay, as a fraction of lr."
+    )
+    divergence_ratio: float = Field(
+        1.5,
+        ge=0,
+        allow_inf_nan=False,
+        description="Stop the run as diverged when an evaluation's test loss exceeds this "
+        "multiple of the best so far (0: never; a non-finite loss or weight always stops it).",
+    )
+    mu: float = Field(1e-3, gt=0, allow_inf_nan=False, description="ZO smoothing radius.")
     difference: Literal["forward", "central"] = Field(
         "forward", description="Finite difference: forward (P+1 forwards) or central (2P)."
     )
@@ -262,6 +294,11 @@ class RunConfig(BaseModel):
                 f"krum_f: Krum with f={self.krum_f} needs more than {2 * self.krum_f + 2} "
                 f"replies per round, {self.sampled} clients are sampled"
             )
+        if 0 < self.divergence_ratio <= 1:
+            raise ValueError(
+                f"divergence_ratio: {self.divergence_ratio} would stop a run whose test loss "
+                "merely stops improving; use a value above 1 (or 0 to never stop)"
+            )
         if self.min_replies > self.sampled:
             raise ValueError(
                 f"min_replies: {self.min_replies} valid replies needed but only "
@@ -275,7 +312,20 @@ class RunConfig(BaseModel):
 
     def resolved(self) -> RunConfig:
         """A copy with defaults that depend on other fields filled in."""
-        return self.model_copy(update={"lr": self.effective_lr})
+        return self.model_copy(
+            update={"lr": self.effective_lr, "lr_decay_rounds": self.lr_decay_rounds or self.rounds}
+        )
+
+    def lr_at(self, rnd: int) -> float:
+        """The learning rate of round ``rnd`` under the schedule."""
+        return learning_rate(
+            self.effective_lr,
+            rnd,
+            kind=self.lr_schedule,
+            warmup=self.lr_warmup,
+            decay_rounds=self.lr_decay_rounds or self.rounds,
+            decay_to=self.lr_decay_to,
+        )
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.model_dump(exclude_none=True))

@@ -145,13 +145,17 @@ def run(
     resume_overrides: dict[str, Any] | None = None,
     progress: bool = False,
     runtime: RuntimeFactory | None = None,
+    from_round: int | None = None,
 ) -> RunResult:
     """Run (or resume) training as configured and return the summary.
 
     With ``resume=True``, ``resume_overrides["out"]`` names the run folder and the other
-    overrides may change only the fields in `RESUMABLE_CHANGES`. ``runtime`` replaces the
-    runtime ``cfg.runtime`` names (the Flower ServerApp passes its own).
+    overrides may change only the fields in `RESUMABLE_CHANGES`; ``from_round`` first
+    rolls the run back to that round (its later rounds are discarded). ``runtime``
+    replaces the runtime ``cfg.runtime`` names (the Flower ServerApp passes its own).
     """
+    if from_round is not None and not resume:
+        raise ConfigError("from_round: only with --resume (it rolls a run back)")
     if resume:
         overrides = dict(resume_overrides or {})
         if overrides.get("out") is None:
@@ -173,24 +177,31 @@ def run(
                 f"runtime: flower-simulation needs Flower ({e.name} is missing): "
                 "pip install 'fedscalar[flower-sim]'"
             ) from None
+        if from_round is not None:
+            raise ConfigError("from_round: roll the run back with --runtime local first")
         return simulate(cfg, resume=resume, progress=progress)
     if runtime is None and cfg.runtime == "flower":
         raise ConfigError(
             "runtime: a Flower deployment is started with `flwr run` of the fedscalar "
             "Flower app (docs/deployment.md); fedscalar run takes local or flower-simulation"
         )
-    return execute(cfg, resume=resume, progress=progress, runtime=runtime)
+    return execute(cfg, resume=resume, progress=progress, runtime=runtime, from_round=from_round)
 
 
 def execute(
-    cfg: RunConfig, *, resume: bool, progress: bool, runtime: RuntimeFactory | None
+    cfg: RunConfig,
+    *,
+    resume: bool,
+    progress: bool,
+    runtime: RuntimeFactory | None,
+    from_round: int | None = None,
 ) -> RunResult:
     """Run the resolved ``cfg`` in its folder ``cfg.out`` with the given runtime."""
     rd = RunDir(cfg.out or _default_out(cfg))
     rd.path.mkdir(parents=True, exist_ok=True)
     handler = _setup_logging(rd)
     try:
-        return _Run(cfg, rd, resume, progress, runtime).execute()
+        return _Run(cfg, rd, resume, progress, runtime).execute(from_round)
     finally:
         log.removeHandler(handler)
         handler.close()
@@ -266,6 +277,7 @@ class _Run:
         if resume:
             self.ledger = Ledger.open(rd.ledger)
             load_base(rd, self.space, self.ledger.header)
+            rd.write_atomic(rd.config, cfg.to_toml())  # what a later --resume continues
         else:
             rd.write_atomic(rd.config, cfg.to_toml())
             if self.space.numel * 4 <= BASE_COPY_LIMIT:
@@ -286,8 +298,9 @@ class _Run:
         return client_data(self.cfg, self.task, self.parts[cid], cid)
 
     # -- restoring state ------------------------------------------------------------------
-    def _restore(self) -> int:
-        """Bring the server to the last round the run folder vouches for; return it.
+    def _restore(self, from_round: int | None = None) -> int:
+        """Bring the server to the last round the run folder vouches for (or back to
+        ``from_round``); return it.
 
         Each round is written ledger first, then metrics, then (at evaluations) the
         checkpoint, so checkpoint <= metrics <= ledger; a ledger record without its
@@ -295,12 +308,18 @@ class _Run:
         """
         rd, cfg = self.rd, self.cfg
         logged = rd.read_metrics()
-        self.ledger.truncate(logged[-1]["round"] if logged else 0)
+        last = logged[-1]["round"] if logged else 0
+        if from_round is not None:
+            self._check_rollback(from_round, last)
+            if from_round < last:
+                log.warning("rolled back from round %d to round %d", last, from_round)
+            last = from_round
+        self.ledger.truncate(last)
         start = 0
         if rd.checkpoint.exists():
             tensors, meta = RunDir.load_tensors(rd.checkpoint)
             ck_round = int(meta["round"])
-            if ck_round <= len(self.ledger):
+            if ck_round <= last and ck_round <= len(self.ledger):
                 self.server.load_state_tensors(tensors, ck_round)
                 self.client.load_state_tensors(tensors)
                 start = ck_round
@@ -314,6 +333,21 @@ class _Run:
             for cid in round_clients(cfg, rnd):
                 self.server.mark_synced(cid, rnd - 1)
         return start
+
+    def _check_rollback(self, target: int, last: int) -> None:
+        if not 0 <= target <= last:
+            raise ConfigError(f"from_round: the run holds rounds 0 to {last}, not {target}")
+        if self.cfg.algorithm not in REPLAYABLE and target != last:
+            ck = (
+                int(RunDir.load_tensors(self.rd.checkpoint)[1]["round"])
+                if self.rd.checkpoint.exists()
+                else None
+            )
+            if ck != target:
+                raise ConfigError(
+                    f"from_round: {self.cfg.algorithm} keeps no history of its weights; it can "
+                    f"go back only to its checkpoint (round {ck})"
+                )
 
     def _exchange(
         self, rnd: int, lr: float, seeds: tuple[int, ...], clients: list[int]
@@ -372,10 +406,35 @@ class _Run:
         RunDir.save_tensors(self.rd.checkpoint, tensors, {"round": str(rnd)})
 
     # -- the loop -------------------------------------------------------------------------
-    def execute(self) -> RunResult:
+    def _evaluate(self, rnd: int, record: dict[str, Any]) -> None:
+        """Metrics on the evaluation subset; on the whole test split too at round 0 and at
+        the last round."""
+        record.update(self.task.evaluate(self.space.model))
+        if rnd in (0, self.cfg.rounds):
+            record.update(self.task.evaluate_full(self.space.model))
+
+    def _check_divergence(self, history: list[dict[str, Any]]) -> None:
+        """Raise `Diverged` when the latest test loss is ``divergence_ratio`` times the best."""
+        ratio = self.cfg.divergence_ratio
+        evals = [h for h in history if "test_loss" in h]
+        if ratio <= 0 or len(evals) < 2:
+            return
+        best = min(evals[:-1], key=lambda h: h["test_loss"])
+        now = evals[-1]
+        if best["test_loss"] > 0 and now["test_loss"] > ratio * best["test_loss"]:
+            self.best_round = best["round"]
+            raise Diverged(
+                f"round {now['round']}: the test loss rose to {now['test_loss']:.4g}, "
+                f"{now['test_loss'] / best['test_loss']:.1f}x its best ({best['test_loss']:.4g} "
+                f"at round {best['round']}, accuracy {best.get('test_accuracy', float('nan')):.3f})"
+                ": the learning rate is too large"
+            )
+
+    def execute(self, from_round: int | None = None) -> RunResult:
         cfg, rd = self.cfg, self.rd
+        self.best_round: int | None = None
         if self.resume:
-            start = self._restore()
+            start = self._restore(from_round)
             history = rd.truncate_metrics(start)
             log.info("resumed at round %d (target %d, lr %g)", start, cfg.rounds, cfg.lr)
         else:
@@ -390,7 +449,7 @@ class _Run:
                 "bytes_down_cumulative": 0,
                 "wall_seconds": 0.0,
             }
-            record.update(self.task.evaluate(self.space.model))
+            self._evaluate(0, record)
             rd.append_metrics(record)
             history = [record]
         last = history[-1]
@@ -412,7 +471,8 @@ class _Run:
                     t_round = time.perf_counter()
                     clients = round_clients(cfg, rnd)
                     seeds = schedule.round_seeds(cfg.seed, rnd, cfg.local_steps)
-                    update, train_loss, counts = self._exchange(rnd, cfg.lr, seeds, clients)
+                    lr = cfg.lr_at(rnd)
+                    update, train_loss, counts = self._exchange(rnd, lr, seeds, clients)
                     self.ledger.append(update)
                     up_total += counts["bytes_up"]
                     down_total += counts["bytes_down"]
@@ -425,14 +485,18 @@ class _Run:
                         "bytes_down_cumulative": down_total,
                         "round_seconds": time.perf_counter() - t_round,
                     }
+                    if cfg.lr_schedule != "constant" or cfg.lr_warmup:
+                        record["lr"] = lr
                     evaluate = rnd % cfg.eval_every == 0 or rnd == cfg.rounds
                     if evaluate:
-                        record.update(self.task.evaluate(self.space.model))
+                        self._evaluate(rnd, record)
                     record["wall_seconds"] = wall0 + time.perf_counter() - t0
                     rd.append_metrics(record)
                     if evaluate:
                         self._checkpoint(rnd)
                     history.append(record)
+                    if evaluate:
+                        self._check_divergence(history)
                     if bar is not None:
                         acc = next(
                             (h["test_accuracy"] for h in reversed(history) if "test_accuracy" in h),
@@ -457,9 +521,15 @@ class _Run:
             done = history[-1]["round"]
             log.error("%s; stopped after round %d", error, done)
             hint = " with a smaller --lr" if status == "diverged" else ""
+            back = (
+                f" --from-round {self.best_round}"
+                if self.best_round is not None and self.best_round < done
+                else ""
+            )
             raise RunFailed(
                 f"{error}. The run stopped after round {done}; ledger and metrics are intact. "
-                f"Continue{hint}: fedscalar run --resume --out {rd.path}"
+                f"Continue{hint}: fedscalar run --resume --out {rd.path}{back}"
+                + (" --lr SMALLER" if status == "diverged" else "")
             )
         log.info("finished round %d", cfg.rounds)
         return RunResult(rd.path, summary)
@@ -483,6 +553,8 @@ class _Run:
             "final_test_loss": next(
                 (h["test_loss"] for h in reversed(history) if "test_loss" in h), None
             ),
+            "test_examples": self.task.eval_size(),
+            **self._full_summary(history),
             "bytes_counted": "payload: encoded fedscalar messages, without transport framing",
             "bytes_up_total": last["bytes_up_cumulative"],
             "bytes_down_total": last["bytes_down_cumulative"],
@@ -499,6 +571,24 @@ class _Run:
             "attack": cfg.attack,
             "attackers": cfg.attackers,
             "aggregator": cfg.aggregator,
+        }
+
+    @staticmethod
+    def _full_summary(history: list[dict[str, Any]]) -> dict[str, Any]:
+        """Round 0's and the last round's accuracy on the whole test split, when the
+        evaluations during training use a subset."""
+        full = [h for h in history if "full_test_accuracy" in h]
+        if not full:
+            return {}
+        first, last = full[0], full[-1]
+        ended = last["round"] == history[-1]["round"]
+        return {
+            "full_test_examples": last["full_test_examples"],
+            "initial_full_test_accuracy": first["full_test_accuracy"]
+            if first["round"] == 0
+            else None,
+            "final_full_test_accuracy": last["full_test_accuracy"] if ended else None,
+            "final_full_test_loss": last["full_test_loss"] if ended else None,
         }
 
 

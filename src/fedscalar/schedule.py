@@ -7,6 +7,8 @@ an uninterrupted run makes, and any party can recompute them.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 _CLIENTS, _SEEDS, _BATCH, _PARTITION = 0, 1, 2, 3
@@ -80,3 +82,31 @@ def attackers(run_seed: int, clients: int, count: int) -> frozenset[int]:
     if count == 0:
         return frozenset()
     return frozenset(int(c) for c in _rng(run_seed, ATTACKERS).choice(clients, count, False))
+
+
+def learning_rate(
+    lr: float,
+    rnd: int,
+    *,
+    kind: str = "constant",
+    warmup: int = 0,
+    decay_rounds: int = 0,
+    decay_to: float = 0.1,
+) -> float:
+    """The learning rate of round ``rnd`` (1-based): a pure function of its arguments.
+
+    A linear warm-up from ``lr / warmup`` to ``lr`` over the first ``warmup`` rounds,
+    then ``constant``, or a ``cosine`` or ``linear`` decay from ``lr`` to
+    ``decay_to * lr`` at round ``decay_rounds``, after which it stays there.
+    """
+    if warmup and rnd <= warmup:
+        return lr * rnd / warmup
+    if kind == "constant" or decay_rounds <= warmup:
+        return lr
+    t = min(1.0, (rnd - warmup) / (decay_rounds - warmup))
+    low = lr * decay_to
+    if kind == "cosine":
+        return low + (lr - low) * 0.5 * (1.0 + math.cos(math.pi * t))
+    if kind == "linear":
+        return lr - (lr - low) * t
+    raise ValueError(f"lr_schedule: unknown schedule {kind!r}")

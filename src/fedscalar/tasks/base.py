@@ -36,3 +36,12 @@ class Task(ABC):
     @abstractmethod
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         """``{"test_loss": ..., "test_accuracy": ...}`` on the held-out test set."""
+
+    def evaluate_full(self, model: nn.Module) -> dict[str, float]:
+        """``full_test_loss``, ``full_test_accuracy`` and ``full_test_examples`` on the
+        whole test split when `evaluate` uses a subset of it; empty otherwise."""
+        return {}
+
+    def eval_size(self) -> int | None:
+        """Examples `evaluate` scores (None: not known)."""
+        return None

@@ -82,3 +82,6 @@ def mnist(model_name: str) -> ArrayTask:
 
     x, y = mnist_data()
     return ArrayTask("mnist", x / 255.0, y, 28, model_name)
+
+    def eval_size(self) -> int:
+        return len(self.y_test)
