@@ -95,6 +95,7 @@ def run(
     lora_rank: Annotated[int | None, _opt("lora_rank")] = None,
     lora_alpha: Annotated[float | None, _opt("lora_alpha")] = None,
     lora_targets: Annotated[str | None, _opt("lora_targets")] = None,
+    lora_layers: Annotated[int | None, _opt("lora_layers")] = None,
     dtype: Annotated[str | None, _opt("dtype")] = None,
     device: Annotated[str | None, _opt("device")] = None,
     catch_up: Annotated[str | None, _opt("catch_up")] = None,

@@ -63,6 +63,7 @@ SHARED_ONLY = frozenset(
         "lora_rank",
         "lora_alpha",
         "lora_targets",
+        "lora_layers",
         "dtype",
         "attack",
         "attackers",

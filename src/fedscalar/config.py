@@ -183,6 +183,12 @@ class RunConfig(BaseModel):
     lora_targets: list[str] | None = Field(
         None, description="LoRA target modules; default: attention query and value projections."
     )
+    lora_layers: int | None = Field(
+        None,
+        ge=1,
+        description="LoRA on the last N transformer blocks only (default: all). The blocks "
+        "below hold no trainable weight, so a ZO step computes them once, not P+1 times.",
+    )
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="Text tasks: weights dtype."
     )
@@ -241,13 +247,15 @@ class RunConfig(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
         if self.task not in TEXT_TASKS:
-            for name in ("dataset", "template", "verbalizers", "lora_targets"):
+            for name in ("dataset", "template", "verbalizers", "lora_targets", "lora_layers"):
                 if getattr(self, name) is not None:
                     raise ValueError(f"{name}: only for text tasks, not {self.task}")
             if self.lora:
                 raise ValueError(f"lora: only for text tasks, not {self.task}")
             if self.dtype != "float32":
                 raise ValueError(f"dtype: {self.task} models train in float32 only")
+        if self.lora_layers is not None and not self.lora:
+            raise ValueError("lora_layers: only with --lora")
         if self.task == "text-classification" and self.dataset is None:
             raise ValueError("dataset: text-classification needs --dataset")
         if self.sampled > self.clients:

@@ -271,9 +271,10 @@ class _Run:
         try:
             self.task = build_task(cfg)
             self.parts = client_partitions(cfg, self.task)
+            model = self.task.build_model(cfg.seed)
         except (ValueError, MissingPackage) as e:
             raise ConfigError(str(e)) from None
-        self.space = ParamSpace(self.task.build_model(cfg.seed).to(resolve_device(cfg.device)))
+        self.space = ParamSpace(model.to(resolve_device(cfg.device)))
         if resume:
             self.ledger = Ledger.open(rd.ledger)
             load_base(rd, self.space, self.ledger.header)

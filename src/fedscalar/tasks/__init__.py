@@ -43,6 +43,7 @@ def build_task(cfg: RunConfig) -> Task:
         lora_rank=cfg.lora_rank,
         lora_alpha=cfg.lora_alpha,
         lora_targets=cfg.lora_targets,
+        lora_layers=cfg.lora_layers,
         dtype=cfg.dtype,
         eval_examples=cfg.eval_examples,
         pack_tokens=cfg.pack_tokens,

@@ -153,9 +153,20 @@ DEFAULT_LORA_TARGETS = {
 """LoRA on the attention query and value projections, as in the LoRA paper."""
 
 
-def add_lora(backbone: nn.Module, rank: int, alpha: float, targets: list[str] | None) -> nn.Module:
-    """Wrap ``backbone`` with PEFT LoRA adapters; only the adapters stay trainable."""
+def add_lora(
+    backbone: nn.Module,
+    rank: int,
+    alpha: float,
+    targets: list[str] | None,
+    layers: int | None = None,
+) -> nn.Module:
+    """Wrap ``backbone`` with PEFT LoRA adapters; only the adapters stay trainable.
+
+    ``layers``: adapt only the last ``layers`` transformer blocks (default: all of them).
+    """
     from peft import LoraConfig, get_peft_model
+
+    from fedscalar.tasks.prefix import transformer_blocks
 
     model_type = getattr(backbone.config, "model_type", "")
     targets = targets or DEFAULT_LORA_TARGETS.get(model_type)
@@ -164,7 +175,19 @@ def add_lora(backbone: nn.Module, rank: int, alpha: float, targets: list[str] | 
             f"lora_targets: no default LoRA target modules for model type {model_type!r}; "
             "name them with --lora-targets"
         )
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0)
+    where: dict[str, Any] = {}
+    if layers is not None:
+        found = transformer_blocks(backbone)
+        if found is None:
+            raise ValueError(f"lora_layers: cannot find the transformer blocks of {model_type!r}")
+        pattern, blocks = found
+        if layers > len(blocks):
+            raise ValueError(f"lora_layers: {layers} layers asked, the model has {len(blocks)}")
+        where = {
+            "layers_to_transform": list(range(len(blocks) - layers, len(blocks))),
+            "layers_pattern": pattern,
+        }
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets, lora_dropout=0.0, **where)
     with warnings.catch_warnings():  # PEFT calls a transformers API deprecated in v5
         warnings.simplefilter("ignore", FutureWarning)
         return get_peft_model(backbone, config)

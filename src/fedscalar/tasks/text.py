@@ -21,6 +21,7 @@ from torch import nn
 
 from fedscalar.tasks import hf
 from fedscalar.tasks.base import Task
+from fedscalar.tasks.prefix import PrefixCache, transformer_blocks
 
 SPLIT_SEED = 20240524
 SENTIMENT_TEMPLATE = "{text} It was"
@@ -457,6 +458,7 @@ class TextSettings:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_targets: list[str] | None = None
+    lora_layers: int | None = None
     dtype: str = "float32"
     eval_examples: int = 500
     eval_batch_size: int = 32
@@ -574,7 +576,11 @@ class TextTask(Task):
         if self.s.lora:
             torch.manual_seed(seed)
             backbone = hf.add_lora(
-                backbone, self.s.lora_rank, self.s.lora_alpha, self.s.lora_targets
+                backbone,
+                self.s.lora_rank,
+                self.s.lora_alpha,
+                self.s.lora_targets,
+                self.s.lora_layers,
             )
         torch.manual_seed(seed)
         if self.pre.kind == "causal":
@@ -585,6 +591,8 @@ class TextTask(Task):
                 model.head.requires_grad_(True)
         model.eval()  # dropout off: ZO differences need a deterministic loss
         self.packed = self.s.pack_tokens > 0 and self._packing_works(model)
+        found = transformer_blocks(backbone)
+        self.prefix = PrefixCache(found[1]) if found else None  # frozen bottom blocks
         return model
 
     @torch.no_grad()
