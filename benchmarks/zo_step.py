@@ -34,7 +34,7 @@ model = task.build_model(0)
 vocab = task.pre.tokenizer.vocab_size
 g = torch.Generator().manual_seed(0)
 ids = torch.randint(100, min(vocab, 20000), (batch, tokens), generator=g)
-data = (ids, torch.ones_like(ids), torch.randint(0, 2, (batch,), generator=g))
+data = (task._tokens(ids.tolist()), torch.randint(0, 2, (batch,), generator=g))
 client = ClientData(0, lambda r, k: data, task.loss)
 base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 out = {"params": sum(p.numel() for p in model.parameters())}

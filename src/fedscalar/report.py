@@ -33,6 +33,10 @@ class Row:
     peak_mb: float  # largest over seeds
     statuses: list[str]
     curves: list[list[dict[str, Any]]]  # evaluated metrics records, one list per seed
+    rounds: list[int]  # rounds done, per seed
+    hours: list[float]  # training wall time over all the run's sessions, per seed
+    full_initial: list[float]  # accuracy on the whole test split at round 0 (text tasks)
+    full_final: list[float]  # ... at the last round, when it was scored there
 
 
 def _mean_std(values: list[float]) -> str:
@@ -96,6 +100,18 @@ def collect(comparison: Comparison, target: float | None = None) -> tuple[list[R
                 peak_mb=max(s.get("peak_rss_mb", float("nan")) for s, _ in runs),
                 statuses=[s.get("status", "?") for s, _ in runs],
                 curves=evals,
+                rounds=[h[-1]["round"] for _, h in runs],
+                hours=[h[-1]["wall_seconds"] / 3600 for _, h in runs],
+                full_initial=[
+                    s["initial_full_test_accuracy"]
+                    for s, _ in runs
+                    if s.get("initial_full_test_accuracy") is not None
+                ],
+                full_final=[
+                    s["final_full_test_accuracy"]
+                    for s, _ in runs
+                    if s.get("final_full_test_accuracy") is not None
+                ],
             )
         )
     return rows, target
@@ -135,17 +151,31 @@ HEADER = (
 )
 
 
+def _span(values: list[float] | list[int], fmt: str) -> str:
+    if not values:
+        return "-"
+    low, high = min(values), max(values)
+    return format(low, fmt) if low == high else f"{format(low, fmt)}-{format(high, fmt)}"
+
+
 def markdown(rows: list[Row], target: float | None) -> str:
-    """The comparison table (mean ± std over seeds; per-client bytes for the whole run)."""
-    lines = [
-        "| " + " | ".join(HEADER) + " |",
-        "|" + "---|" * len(HEADER),
-    ]
+    """The comparison table (mean ± std over seeds; per-client bytes for the whole run).
+
+    When runs scored the whole test split (text tasks evaluated on a subset during
+    training), two columns give it at round 0 and at the end; the last two columns say
+    how many rounds each figure took and how many hours of training, over every session
+    of the run (resumes included)."""
+    full = any(r.full_final or r.full_initial for r in rows)
+    header = list(HEADER[:3])
+    if full:
+        header += ["zero-shot acc (whole split)", "final acc (whole split)"]
+    header += [*HEADER[3:-1], "rounds", "hours", HEADER[-1]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        cells = (
-            r.algorithm,
-            _mean_std(r.final),
-            _mean_std(r.best),
+        cells = [r.algorithm, _mean_std(r.final), _mean_std(r.best)]
+        if full:
+            cells += [_mean_std(r.full_initial), _mean_std(r.full_final)]
+        cells += [
             _reached(r.to_target),
             _bytes(r.bytes_up),
             _bytes(r.bytes_down),
@@ -154,8 +184,10 @@ def markdown(rows: list[Row], target: float | None) -> str:
             if r.seconds_per_round < 1
             else f"{r.seconds_per_round:.2f} s",
             f"{r.peak_mb:.0f}",
+            _span(r.rounds, "d"),
+            _span(r.hours, ".2f"),
             f"{r.runs} ({_status(r.statuses)})",
-        )
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     note = f"Target accuracy: {target:.2f}." if target is not None else "No target accuracy."
     return "\n".join(lines) + f"\n\n{note}\n"
@@ -181,6 +213,10 @@ def write_csv(rows: list[Row], path: Path, target: float | None) -> None:
                 "bytes_down_per_client_round",
                 "seconds_per_round",
                 "peak_rss_mb",
+                "rounds",
+                "hours",
+                "full_test_accuracy_initial_mean",
+                "full_test_accuracy_final_mean",
                 "statuses",
             ]
         )
@@ -203,6 +239,10 @@ def write_csv(rows: list[Row], path: Path, target: float | None) -> None:
                     r.down_per_round,
                     r.seconds_per_round,
                     r.peak_mb,
+                    " ".join(map(str, r.rounds)),
+                    " ".join(f"{h:.3f}" for h in r.hours),
+                    statistics.mean(r.full_initial) if r.full_initial else "",
+                    statistics.mean(r.full_final) if r.full_final else "",
                     " ".join(r.statuses),
                 ]
             )

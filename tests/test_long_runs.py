@@ -1,0 +1,71 @@
+"""Long comparisons survive being killed and restarted many times, and their report
+says how many rounds and hours each figure took."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from fedscalar import compare as cmp
+from fedscalar.report import write_report
+from fedscalar.rundir import RunDir
+
+ARGS = ["--task", "digits", "--algorithms", "decomfl,hiso", "--rounds", "240"]
+ARGS += ["--eval-every", "50", "--clients", "6", "--sampled", "3", "--jobs", "2"]
+
+
+def _compare(out, timeout=None):
+    """`fedscalar compare` in its own process group; killed (SIGKILL) after ``timeout``."""
+    cmd = [sys.executable, "-m", "fedscalar", "compare", "--out", str(out), *ARGS]
+    proc = subprocess.Popen(
+        cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        proc.wait(timeout=timeout)
+        return proc.returncode
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the comparison and its training processes
+        proc.wait()
+        return None
+
+
+def test_a_comparison_killed_again_and_again_ends_as_if_never_stopped(tmp_path):
+    straight = tmp_path / "straight"
+    assert _compare(straight) == 0
+    killed = tmp_path / "killed"
+    rng = np.random.default_rng(0)
+    kills = 0
+    for attempt in range(20):  # longer and longer: start-up alone takes seconds
+        code = _compare(killed, timeout=float(rng.uniform(4.0, 6.0)) + 1.5 * attempt)
+        if code == 0:
+            break
+        assert code is None  # killed, never failed
+        kills += 1
+    assert kills >= 2 and code == 0
+    for algo in ("decomfl", "hiso"):
+        a, b = (RunDir(cmp.run_folder(x, algo, 0)) for x in (straight, killed))
+        assert a.ledger.read_bytes() == b.ledger.read_bytes(), algo
+        keys = ("round", "train_loss", "test_accuracy", "bytes_up_cumulative")
+        ma, mb = a.read_metrics(), b.read_metrics()
+        assert [[m.get(k) for k in keys] for m in ma] == [[m.get(k) for k in keys] for m in mb]
+
+
+def test_the_report_gives_rounds_and_hours(tmp_path):
+    comparison = cmp.plan(
+        tmp_path, ["decomfl", "fedavg"], [0, 1], task="digits", rounds=6, eval_every=3
+    )
+    start = time.time()
+    cmp.execute(comparison, echo=lambda _: None)
+    elapsed = time.time() - start
+    path, rows, _ = write_report(comparison, "digits")
+    table = path.read_text()
+    assert "| rounds | hours |" in table.splitlines()[2]
+    for row in rows:
+        assert row.rounds == [6, 6]
+        for seed, hours in zip((0, 1), row.hours, strict=True):
+            history = RunDir(cmp.run_folder(tmp_path, row.algorithm, seed)).read_metrics()
+            assert hours == history[-1]["wall_seconds"] / 3600 and 0 < hours * 3600 < elapsed
+        assert f"| 6 | {min(row.hours):.2f}" in table
