@@ -1,22 +1,37 @@
-"""Learning-rate and model sweep: how the default model and learning rates were chosen.
+"""Learning-rate (and model) sweep over seeds: how the default learning rates were chosen.
 
-For every (model, lr, seed) it trains one run and reports final and best test accuracy,
-the first evaluated round reaching ``--target`` accuracy, and seconds per round.
-Usage:
+Every (model, lr) is an ordinary `fedscalar compare` folder under ``--out`` holding one
+run per seed, so an interrupted sweep resumes where it stopped and a larger
+``--rounds`` extends it. The table gives, per (model, lr), the final and best test
+accuracy as mean ± std over seeds, the first evaluated round at which the seeds' mean
+reaches ``--target``, the runs that diverged (stopped by a rising test loss or
+non-finite values: they count as failures), and seconds per round. The rate picked is
+the one with the highest mean final accuracy among those whose seeds all completed.
 
     python benchmarks/sweep.py --task digits --algorithm decomfl \
-        --models linear,mlp16,mlp,mlp64,cnn --lrs 0.01,0.03,0.1,0.3 --rounds 1000
+        --models linear,mlp16,mlp,mlp64,cnn --lrs 0.01,0.03,0.1 --rounds 1000
+    python benchmarks/sweep.py --task sentiment --algorithm decomfl --models smollm2-135m \
+        --lrs 3e-3,1e-2,3e-2 --seeds 0,1 --rounds 300 --set lora=true --set lora_layers=10 \
+        --out runs/sweep-smollm2 --jobs 2
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import tempfile
+import statistics
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from fedscalar import RunConfig, run
-from fedscalar.runner import RunFailed
+from fedscalar import compare as cmp
+from fedscalar.rundir import RunDir
+
+
+def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def main() -> None:
@@ -29,6 +44,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=1000)
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--target", type=float, default=0.85)
+    ap.add_argument("--out", default="runs/sweep")
+    ap.add_argument("--jobs", type=int, default=1, help="runs trained at once")
     ap.add_argument(
         "--set",
         action="append",
@@ -38,50 +55,74 @@ def main() -> None:
     )
     args = ap.parse_args()
     extra = dict(kv.split("=", 1) for kv in args.set)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    grid = [(m, lr) for m in args.models.split(",") for lr in args.lrs.split(",")]
+    plans = {
+        (model, lr): cmp.plan(
+            Path(args.out) / model / f"lr{lr}",
+            [args.algorithm],
+            seeds,
+            task=args.task,
+            model=model,
+            lr=float(lr),
+            rounds=args.rounds,
+            eval_every=args.eval_every,
+            **extra,
+        )
+        for model, lr in grid
+    }
+    runs = [(c, seed) for c in plans.values() for seed in seeds]
+
+    def train(item):
+        comparison, seed = item
+        one = cmp.Comparison(
+            comparison.out,
+            comparison.algorithms,
+            (seed,),
+            None,
+            {k: v for k, v in comparison.runs.items() if k[1] == seed},
+        )
+        cmp.execute(one, jobs=1, echo=lambda line: print(f"{comparison.out}: {line}"), threads=1)
+
+    with ThreadPoolExecutor(args.jobs) as pool:  # each run in its own process, one thread
+        list(pool.map(train, runs))
+
     print(
-        f"{args.task}, {args.algorithm}, {args.rounds} rounds, eval every {args.eval_every}"
-        f"{', ' + ', '.join(args.set) if args.set else ''}\n"
+        f"\n{args.task}, {args.algorithm}, {args.rounds} rounds, seeds {args.seeds}, eval every "
+        f"{args.eval_every}{', ' + ', '.join(args.set) if args.set else ''}\n"
     )
     print(
-        f"| model (params) | lr | seed | final acc | best acc | first round >= {args.target} "
-        "| ms/round |"
+        f"| model (params) | lr | final acc | best acc | first round >= {args.target} "
+        "| diverged | s/round |"
     )
     print("|---|---|---|---|---|---|---|")
-    with tempfile.TemporaryDirectory() as tmp:
-        for model in args.models.split(","):
-            for lr in (float(x) for x in args.lrs.split(",")):
-                for seed in (int(s) for s in args.seeds.split(",")):
-                    out = Path(tmp) / f"{model}-{lr}-{seed}"
-                    cfg = RunConfig(
-                        task=args.task,
-                        algorithm=args.algorithm,
-                        model=model,
-                        lr=lr,
-                        seed=seed,
-                        rounds=args.rounds,
-                        eval_every=args.eval_every,
-                        out=str(out),
-                        **extra,
-                    )
-                    try:
-                        s = run(cfg).summary
-                    except RunFailed:
-                        print(f"| {model} | {lr:g} | {seed} | diverged | | | |", flush=True)
-                        continue
-                    evals = [
-                        json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()
-                    ]
-                    hit = next(
-                        (m["round"] for m in evals if m.get("test_accuracy", 0) >= args.target),
-                        None,
-                    )
-                    print(
-                        f"| {model} ({s['num_parameters']}) | {lr:g} | {seed} "
-                        f"| {s['final_test_accuracy']:.3f} | {s['best_test_accuracy']:.3f} "
-                        f"| {hit if hit is not None else '-'} "
-                        f"| {s['seconds_per_round'] * 1000:.1f} |",
-                        flush=True,
-                    )
+    best = None
+    for (model, lr), comparison in plans.items():
+        folders = [RunDir(comparison.folder(args.algorithm, s)) for s in seeds]
+        summaries = [f.read_summary() or {} for f in folders]
+        finals = [s["final_test_accuracy"] for s in summaries if s.get("final_test_accuracy")]
+        bests = [s["best_test_accuracy"] for s in summaries if s.get("best_test_accuracy")]
+        curves = [[m for m in f.read_metrics() if "test_accuracy" in m] for f in folders]
+        rounds = sorted({m["round"] for c in curves for m in c})
+        mean_at = {
+            r: statistics.mean(m["test_accuracy"] for c in curves for m in c if m["round"] == r)
+            for r in rounds
+        }
+        hit = next((r for r in rounds if mean_at[r] >= args.target), None)
+        diverged = sum(s.get("status") == "diverged" for s in summaries)
+        params = next((s["num_parameters"] for s in summaries if s), 0)
+        per_round = [s["seconds_per_round"] for s in summaries if s.get("seconds_per_round")]
+        print(
+            f"| {model} ({params:,}) | {lr} | {_mean_std(finals)} | {_mean_std(bests)} "
+            f"| {hit if hit is not None else '-'} | {diverged}/{len(seeds)} "
+            f"| {statistics.median(per_round) if per_round else float('nan'):.2f} |",
+            flush=True,
+        )
+        done = all(s.get("status") == "completed" for s in summaries)
+        if done and finals and (best is None or statistics.mean(finals) > best[0]):
+            best = (statistics.mean(finals), model, lr)
+    if best:
+        print(f"\nbest: {best[1]} lr {best[2]} (mean final accuracy {best[0]:.3f})")
 
 
 if __name__ == "__main__":

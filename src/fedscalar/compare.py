@@ -250,11 +250,13 @@ def execute(
     jobs: int = 1,
     echo: Callable[[str], None] = print,
     progress_every: float = 60.0,
+    threads: int | None = None,
 ) -> dict[tuple[str, int], dict[str, Any]]:
     """Train every run that is not finished; return each run's summary.
 
     Every ``progress_every`` seconds without a finished run, ``echo`` gets the rounds the
-    runs in flight have completed.
+    runs in flight have completed. Each run gets ``threads`` torch threads (default: the
+    CPU cores shared out between the ``jobs``).
     """
     comparison.out.mkdir(parents=True, exist_ok=True)
     todo = []
@@ -264,7 +266,7 @@ def execute(
             echo(f"{name} seed {seed}: finished earlier, skipped")
         else:
             todo.append((name, seed, cfg, mode))
-    threads = max(1, (os.cpu_count() or 1) // max(1, jobs))
+    threads = threads or max(1, (os.cpu_count() or 1) // max(1, jobs))
     results: dict[tuple[str, int], dict[str, Any]] = {}
     if todo:
         ctx = multiprocessing.get_context("spawn")
