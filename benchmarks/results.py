@@ -1,12 +1,15 @@
-"""Regenerate docs/results.md: the comparisons on digits, mnist and sentiment, and the
-robustness table, from the comparison files in benchmarks/results/.
+"""Regenerate docs/results.md: the comparisons on digits, mnist and the language-model
+sentiment tasks, and the robustness table, from the comparison files in benchmarks/results/.
 
     python benchmarks/results.py --out runs/results --jobs 2
+    python benchmarks/results.py --out runs/results --only sentiment-smollm2 --report-only
 
 Each comparison is an ordinary ``fedscalar compare`` folder under ``--out``, so an
-interrupted regeneration resumes where it stopped. ``--only`` picks sections (digits,
-mnist, sentiment, robust). The page is rewritten after each section, with the sections
-whose runs exist; the plots are copied to docs/results/ (small PNGs).
+interrupted regeneration resumes where it stopped (and can be stopped and resumed any
+number of times). ``--only`` picks sections; ``--report-only`` tabulates the runs as far
+as they got without training more. Each section is kept in docs/results/<name>.md with
+its plot, and the page is recomposed from all of them after each section, so sections
+not regenerated keep their last tables.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from fedscalar.report import collect, markdown, write_report
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = ROOT / "benchmarks" / "results"
 DOCS = ROOT / "docs"
-TASKS = ("digits", "mnist", "sentiment")
+SECTIONS = ("digits", "mnist", "robust", "sentiment-minilm", "sentiment-smollm2", "sentiment")
+"""The page's sections in order (``sentiment``: the earlier 200-round MiniLM table)."""
 AGGREGATORS = ("mean", "median", "trimmed-mean", "krum")
 READING = SPECS / "reading.md"
 
@@ -59,12 +63,62 @@ def _facts(rows) -> str:
     return "\n".join(out)
 
 
-def section(out: Path, task: str, jobs: int) -> str:
-    comparison = cmp.plan(out / task, file=SPECS / f"{task}.toml")
-    cmp.execute(comparison, jobs, echo=print)
-    _, rows, target = write_report(comparison, task)
+def _hiso_ratio(rows) -> str:
+    """Per seed, DeComFL's rounds over the rounds HiSo needs to reach DeComFL's final
+    accuracy (evaluated rounds only): the median and range over seeds."""
+    by = {r.algorithm: r for r in rows}
+    if "decomfl" not in by or "hiso" not in by:
+        return ""
+    ratios, missed = [], 0
+    for dec, hiso in zip(by["decomfl"].curves, by["hiso"].curves, strict=False):
+        goal, last = dec[-1]["test_accuracy"], dec[-1]["round"]
+        hits = (h["round"] for h in hiso if h["round"] > 0 and h["test_accuracy"] >= goal)
+        reach = next(hits, None)
+        if reach is None:
+            missed += 1
+        else:
+            ratios.append(last / reach)
+    if not ratios:
+        return "- HiSo did not reach DeComFL's final accuracy within the run on any seed."
+    text = (
+        f"- Rounds for HiSo to reach DeComFL's final accuracy, as DeComFL's rounds over "
+        f"HiSo's: median {statistics.median(ratios):.2f}x (range {min(ratios):.2f}x-"
+        f"{max(ratios):.2f}x over {len(ratios)} seeds)"
+    )
+    return text + (f"; not reached on {missed} seed(s)." if missed else ".")
+
+
+def _lm_facts(rows) -> str:
+    """Zero-shot and final accuracy on the whole test split, and the gaps the issue of
+    scalar-only fine-tuning is about (DeComFL/HiSo against MeZO, FedZO and FedAvg)."""
+    by = {r.algorithm: r for r in rows}
+    out = []
+    for name in ("decomfl", "hiso"):
+        r = by.get(name)
+        if r and r.full_initial and r.full_final:
+            gain = statistics.mean(r.full_final) - statistics.mean(r.full_initial)
+            out.append(
+                f"- {name}: whole test split {statistics.mean(r.full_initial):.3f} (zero-shot) "
+                f"-> {statistics.mean(r.full_final):.3f}, {gain * 100:+.1f} points."
+            )
+    for name in ("decomfl", "hiso"):
+        for ref in ("mezo", "fedzo", "fedavg"):
+            a, b = by.get(name), by.get(ref)
+            if a and b and a.full_final and b.full_final:
+                gap = statistics.mean(a.full_final) - statistics.mean(b.full_final)
+                out.append(f"- {name} minus {ref}, whole test split: {gap * 100:+.1f} points.")
+    ratio = _hiso_ratio(rows)
+    return "\n".join([*out, ratio] if ratio else out)
+
+
+def section(out: Path, name: str, jobs: int, train: bool = True) -> str:
+    comparison = cmp.plan(out / name, file=SPECS / f"{name}.toml")
+    if train:
+        cmp.execute(comparison, jobs, echo=print, threads=1)
+    _, rows, target = write_report(comparison, name)
     DOCS.joinpath("results").mkdir(exist_ok=True)
-    shutil.copy(out / task / "comparison.png", DOCS / "results" / f"{task}.png")
+    if (out / name / "comparison.png").exists():
+        shutil.copy(out / name / "comparison.png", DOCS / "results" / f"{name}.png")
     first = next(iter(comparison.runs.values()))
     setup = (
         f"{first.clients} clients, {first.sampled} sampled per round, {first.partition} "
@@ -75,9 +129,20 @@ def section(out: Path, task: str, jobs: int) -> str:
             f"{a} {comparison.runs[a, comparison.seeds[0]].lr:g}" for a in comparison.algorithms
         )
     )
+    if first.task in ("sentiment", "text-classification"):
+        setup += (
+            f"; model {first.model}"
+            + (f", LoRA rank {first.lora_rank}" if first.lora else ", all weights")
+            + (f" on the last {first.lora_layers} layers" if first.lora_layers else "")
+            + f"; evaluated on {first.eval_examples or 'all the'} test examples every "
+            f"{first.eval_every} rounds and on the whole test split at round 0 and at the end"
+        )
+    facts = _facts(rows)
+    if first.task in ("sentiment", "text-classification"):
+        facts = "\n".join(x for x in (facts, _lm_facts(rows)) if x)
     return (
-        f"## {task}\n\n{setup}. Comparison file: `benchmarks/results/{task}.toml`.\n\n"
-        f"{markdown(rows, target)}\n{_facts(rows)}\n\n![{task}](results/{task}.png)\n"
+        f"## {name}\n\n{setup}. Comparison file: `benchmarks/results/{name}.toml`.\n\n"
+        f"{markdown(rows, target)}\n{facts}\n\n![{name}](results/{name}.png)\n"
     )
 
 
@@ -112,22 +177,28 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/results")
     ap.add_argument("--jobs", type=int, default=2)
-    ap.add_argument("--only", default="digits,mnist,robust,sentiment")
+    ap.add_argument("--only", default=",".join(s for s in SECTIONS if s != "sentiment"))
+    ap.add_argument(
+        "--report-only", action="store_true", help="tabulate the runs as they are, train nothing"
+    )
     args = ap.parse_args()
     out = Path(args.out)
-    wanted = args.only.split(",")
-    parts: dict[str, str] = {}
-    order = [t for t in (*TASKS[:2], "robust", TASKS[2]) if t in wanted]
-    for name in order:
-        parts[name] = (
-            robustness(out, args.jobs) if name == "robust" else section(out, name, args.jobs)
+    for name in args.only.split(","):
+        if name not in SECTIONS:
+            raise SystemExit(f"--only: unknown section {name!r} (choose from {SECTIONS})")
+        text = (
+            robustness(out, args.jobs)
+            if name == "robust"
+            else section(out, name, args.jobs, train=not args.report_only)
         )
-        write_page(parts)
+        (DOCS / "results" / f"{name}.md").write_text(text)
+        write_page()
 
 
-def write_page(parts: dict[str, str]) -> None:
+def write_page() -> None:
     reading = READING.read_text() if READING.exists() else ""
-    body = "\n".join(parts[k] for k in ("digits", "mnist", "sentiment", "robust") if k in parts)
+    parts = [DOCS / "results" / f"{k}.md" for k in SECTIONS]
+    body = "\n".join(p.read_text() for p in parts if p.exists())
     (DOCS / "results.md").write_text(
         "# Results: DeComFL and HiSo beside the baselines\n\n"
         "Generated by `python benchmarks/results.py --out runs/results --jobs 2` "
@@ -137,7 +208,8 @@ def write_page(parts: dict[str, str]) -> None:
         "(MeZO: one party holding all the clients' data, with the batch of a whole round). "
         "Accuracy is mean ± std over seeds; bytes are the encoded messages' payload per "
         "client over the whole run (catch-up included); peak MB is the training process's "
-        "peak resident memory.\n\n" + reading + "\n" + body
+        "peak resident memory; rounds and hours are each run's, over all the sessions it "
+        "took.\n\n" + reading + "\n" + body
     )
 
 

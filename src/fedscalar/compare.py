@@ -266,6 +266,9 @@ def execute(
             echo(f"{name} seed {seed}: finished earlier, skipped")
         else:
             todo.append((name, seed, cfg, mode))
+    # seed by seed: the first seed of every algorithm is done first, so a long comparison
+    # that is stopped early still holds a complete table for its first seeds
+    todo.sort(key=lambda t: (comparison.seeds.index(t[1]), comparison.algorithms.index(t[0])))
     threads = threads or max(1, (os.cpu_count() or 1) // max(1, jobs))
     results: dict[tuple[str, int], dict[str, Any]] = {}
     if todo:

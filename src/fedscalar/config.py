@@ -32,6 +32,26 @@ FLOWER_ALGORITHMS = ("decomfl", "hiso", "fedavg")
 """Algorithms the Flower runtimes carry; the others run in the local simulator."""
 TASKS = ("digits", "mnist", "sentiment", "text-classification")
 TEXT_TASKS = ("sentiment", "text-classification")
+DEFAULT_MODEL = {
+    "digits": "mlp",
+    "mnist": "mlp",
+    "sentiment": "minilm-l6",
+    "text-classification": "minilm-l6",
+}
+
+FAMILY = {
+    "decomfl": "zo",
+    "fedzo": "zo",
+    "fedkseed": "zo",
+    "fedkseed-pro": "zo",
+    "mezo": "zo",
+    "hiso": "hiso",
+    "fedavg": "fo",
+    "fedavg-topk": "fo",
+    "fedavg-qsgd": "fo",
+}
+"""Learning-rate families: the ZO baselines share DeComFL's estimator and step, the
+compressed FedAvg variants FedAvg's step."""
 
 DEFAULT_LR = {
     ("decomfl", "digits"): 0.03,
@@ -40,21 +60,46 @@ DEFAULT_LR = {
     ("decomfl", "mnist"): 0.01,
     ("hiso", "mnist"): 5e-3,
     ("fedavg", "mnist"): 0.3,
-    ("decomfl", "sentiment"): 1e-5,
-    ("hiso", "sentiment"): 1e-5,
-    ("fedavg", "sentiment"): 1e-4,
-    ("decomfl", "text-classification"): 1e-5,
-    ("hiso", "text-classification"): 1e-5,
-    ("fedavg", "text-classification"): 1e-4,
     **{(a, "digits"): 0.3 for a in ("fedavg-topk", "fedavg-qsgd")},
     **{(a, "mnist"): 0.3 for a in ("fedavg-topk", "fedavg-qsgd")},
-    **{(a, t): 1e-4 for a in ("fedavg-topk", "fedavg-qsgd") for t in TEXT_TASKS},
     **{(a, "digits"): 0.03 for a in ("fedzo", "fedkseed", "fedkseed-pro", "mezo")},
     **{(a, "mnist"): 0.01 for a in ("fedzo", "fedkseed", "fedkseed-pro", "mezo")},
-    **{(a, t): 1e-5 for a in ("fedzo", "fedkseed", "fedkseed-pro", "mezo") for t in TEXT_TASKS},
 }
-"""Learning rates used when ``lr`` is not given: the best of a sweep with the task's
-default model (see docs/benchmarks.md for the sweep)."""
+"""Learning rates of the image tasks when ``lr`` is not given: the best of a sweep with
+the task's default model (docs/results.md#learning-rates)."""
+
+TEXT_LR: dict[tuple[str, str, bool], float] = {
+    ("zo", "minilm-l6", True): 3e-3,
+    ("hiso", "minilm-l6", True): 3e-3,
+    ("fo", "minilm-l6", True): 1e-1,
+    ("zo", "minilm-l6", False): 1e-5,
+    ("hiso", "minilm-l6", False): 1e-5,
+    ("fo", "minilm-l6", False): 1e-4,
+    ("zo", "smollm2-135m", True): 2e-2,
+    ("hiso", "smollm2-135m", True): 2e-2,
+    ("fo", "smollm2-135m", True): 5e-2,
+    ("zo", "smollm2-135m", False): 1e-5,
+    ("hiso", "smollm2-135m", False): 1e-5,
+    ("fo", "smollm2-135m", False): 1e-4,
+    ("zo", "*", True): 3e-3,
+    ("hiso", "*", True): 3e-3,
+    ("fo", "*", True): 1e-1,
+    ("zo", "*", False): 1e-5,
+    ("hiso", "*", False): 1e-5,
+    ("fo", "*", False): 1e-4,
+}
+"""Learning rates of the text tasks when ``lr`` is not given, by (family, model, LoRA);
+``*`` is any other model (docs/results.md#learning-rates says how they were chosen)."""
+
+
+def default_lr(algorithm: str, task: str, model: str | None, lora: bool) -> float:
+    """The learning rate a run uses when none is given."""
+    if task not in TEXT_TASKS:
+        return DEFAULT_LR[algorithm, task]
+    family = FAMILY[algorithm]
+    key = (family, model or DEFAULT_MODEL[task], lora)
+    return TEXT_LR.get(key, TEXT_LR[family, "*", lora])
+
 
 RESUMABLE_CHANGES = frozenset(
     {
@@ -109,8 +154,8 @@ class RunConfig(BaseModel):
         None,
         gt=0,
         allow_inf_nan=False,
-        description="Learning rate; default per algorithm and task (config.DEFAULT_LR, "
-        "listed in docs/results.md).",
+        description="Learning rate; default per algorithm, task, model and LoRA "
+        "(config.default_lr, listed in docs/results.md).",
     )
     lr_schedule: Literal["constant", "cosine", "linear"] = Field(
         "constant",
@@ -316,7 +361,9 @@ class RunConfig(BaseModel):
 
     @property
     def effective_lr(self) -> float:
-        return self.lr if self.lr is not None else DEFAULT_LR[self.algorithm, self.task]
+        if self.lr is not None:
+            return self.lr
+        return default_lr(self.algorithm, self.task, self.model, self.lora)
 
     def resolved(self) -> RunConfig:
         """A copy with defaults that depend on other fields filled in."""

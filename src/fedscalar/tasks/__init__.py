@@ -4,18 +4,12 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from fedscalar.config import DEFAULT_MODEL
 from fedscalar.tasks.base import Task
 from fedscalar.tasks.models import MODEL_NAMES
 
 if TYPE_CHECKING:
     from fedscalar.config import RunConfig
-
-DEFAULT_MODEL = {
-    "digits": "mlp",
-    "mnist": "mlp",
-    "sentiment": "minilm-l6",
-    "text-classification": "minilm-l6",
-}
 
 
 def build_task(cfg: RunConfig) -> Task:
