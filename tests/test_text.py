@@ -127,7 +127,7 @@ def test_local_folder_model_runs_resumes_and_exports(
         lora=lora,
         rounds=4,
         eval_every=2,
-        lr=1e-2,
+        lr=1e-3 if algorithm == "fedavg" else 1e-2,  # gradients through the scale-20 head
         out=str(out),
     )
     summary = run(cfg).summary
@@ -166,9 +166,26 @@ def test_sentiment_data_split_is_fixed():
         (["--verbalizers", " world,sports,business,tech phone"], "is 2 tokens, not one"),
         (["--max-length", "1000"], "max_length: 1000 tokens exceeds"),
         (["--lora", "--task", "digits"], "only for text tasks, not digits"),
+        (["--dataset", "{bad}/empty.csv"], "empty.csv' is empty (0 bytes)"),
+        (["--dataset", "{bad}/header.csv"], "header.csv' has no rows (only a header?)"),
+        (
+            ["--dataset", "{bad}/documents.csv", "--label-column", "sentence"],
+            "label_column: 'sentence' has 150 distinct values in 150 rows, so it looks like text",
+        ),
+        (
+            ["--dataset", "{bad}/missing_text.csv"],
+            "text_column: 'sentence' is missing or empty in 10 of 20 rows of the train split "
+            "(rows 1, 3, 5, 7, 9, ...",
+        ),
+        (
+            ["--dataset", "{bad}/one_class.csv"],
+            "label_column: 'topic' has 1 class ('world') in 10 rows; classification needs",
+        ),
     ],
 )
-def test_bad_text_input_exits_2_before_training(tiny_llama, news_csv, tmp_path, args, message):
+def test_bad_text_input_exits_2_before_training(
+    tiny_llama, news_csv, bad_data, tmp_path, args, message
+):
     base = [
         "run",
         "--task",
@@ -187,6 +204,7 @@ def test_bad_text_input_exits_2_before_training(tiny_llama, news_csv, tmp_path, 
         "--out",
         str(tmp_path / "x"),
     ]
+    args = [a.replace("{bad}", str(bad_data)) for a in args]
     result = CliRunner().invoke(app, base + args)
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
@@ -259,3 +277,154 @@ def test_a_model_that_ignores_the_block_mask_gets_padded_batches(tiny_bert, news
     task.packed = False
     tokens, _ = task.batch(np.array([0, 1, 2]))
     assert tokens.positions is None and tokens.ids.shape[0] == 3
+
+
+def _write_csv(path, header, rows):
+    import csv
+
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        if header:
+            w.writerow(header)
+        w.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def bad_data(tmp_path_factory):
+    """CSV files with the dataset problems a user meets first."""
+    folder = tmp_path_factory.mktemp("bad")
+    (folder / "empty.csv").write_bytes(b"")
+    _write_csv(folder / "header.csv", ["sentence", "topic"], [])
+    long_text = "the movie was good . the plot was fun ,\nand the actors were great " * 5
+    _write_csv(
+        folder / "documents.csv",
+        ["sentence", "topic"],
+        [[f"{i} {long_text}", "world"] for i in range(150)],
+    )
+    _write_csv(
+        folder / "missing_text.csv",
+        ["sentence", "topic"],
+        [["world news", "world"], ["", "sports"], ["sports game", "sports"], ["", "world"]] * 5,
+    )
+    _write_csv(folder / "one_class.csv", ["sentence", "topic"], [["world news", "world"]] * 10)
+    return folder
+
+
+def test_encoder_head_starts_as_cosine_zero_shot_classifier(tiny_bert, news_csv):
+    from fedscalar.tasks.text import HEAD_SCALE, EncoderClassifier
+
+    task = build_task(_cfg(tiny_bert, news_csv))
+    assert task.data.label_names == ["business", "sports", "tech", "world"]
+    assert task.label_texts[0] == "This text is about business."
+    model = task.build_model(0)
+    assert isinstance(model, EncoderClassifier)
+    tok = task.pre.tokenizer
+
+    def embed(text):  # one text alone, plain mean of the last hidden states
+        ids = torch.tensor([tok(text)["input_ids"]])
+        with torch.no_grad():
+            return F.normalize(model.encoder(input_ids=ids).last_hidden_state.mean(1), dim=-1)
+
+    labels = torch.cat([embed(t) for t in task.label_texts])
+    torch.testing.assert_close(model.head.weight, HEAD_SCALE * labels, rtol=1e-5, atol=1e-5)
+    assert torch.equal(model.head.bias, torch.zeros(4))
+    # computed from the pretrained weights alone: the same bits whatever the seed
+    assert torch.equal(task.build_model(7).head.weight, model.head.weight)
+    idx = np.array([0, 1, 2, 5])
+    tokens, _ = task.batch(idx)
+    with torch.no_grad():
+        scores = model(tokens)
+    texts = torch.cat([embed(task.data.train_texts[i]) for i in idx])
+    torch.testing.assert_close(scores, HEAD_SCALE * texts @ labels.T, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():  # each label phrase is its own class, at cosine 1
+        own = model(task._tokens(task.label_ids))
+    assert torch.equal(own.argmax(-1), torch.arange(4))
+    torch.testing.assert_close(own.diagonal(), torch.full((4,), HEAD_SCALE))
+
+
+def test_encoder_verbalizers_are_any_phrases(tiny_bert, news_csv):
+    phrases = ["business market", "sports game team", "tech phone", "world news"]
+    task = build_task(_cfg(tiny_bert, news_csv, verbalizers=phrases))
+    assert task.label_texts == phrases  # several tokens each: fine for an encoder
+    model = task.build_model(0)
+    default = build_task(_cfg(tiny_bert, news_csv)).build_model(0)
+    assert not torch.allclose(model.head.weight, default.head.weight)
+    texts = ["tech phone", "a market business", "news world the"]
+    with torch.no_grad():
+        scores = model(task._tokens(task.pre.tokenizer(texts)["input_ids"]))
+    assert scores.argmax(-1).tolist() == [2, 0, 3]
+    lora = build_task(_cfg(tiny_bert, news_csv, verbalizers=phrases, lora=True)).build_model(0)
+    assert torch.equal(lora.head.weight, model.head.weight) and lora.head.weight.requires_grad
+    with pytest.raises(ValueError, match="verbalizers: 3 verbalizers for 4 labels"):
+        build_task(_cfg(tiny_bert, news_csv, verbalizers=phrases[:3]))
+
+
+@pytest.mark.parametrize(
+    "labels,names",
+    [
+        ([str(i) for i in range(11)], [str(i) for i in range(11)]),  # not 0, 1, 10, 2
+        ([" 3", "-1", "20"], ["-1", " 3", "20"]),
+        ([10, 9, 100], ["9", "10", "100"]),
+        ([2.0, 1.0], ["1.0", "2.0"]),
+        (["b10", "b2", "a", "B"], ["B", "a", "b10", "b2"]),
+        (["10", "9", "x"], ["10", "9", "x"]),  # not all whole numbers: alphabetical
+    ],
+)
+def test_label_order_is_numeric_for_whole_numbers_else_alphabetical(tmp_path, labels, names):
+    from fedscalar.tasks.text import load_dataset_columns
+
+    rows = [{"t": f"text {i} of {y}", "y": y} for i in range(5) for y in labels]
+    path = tmp_path / "d.jsonl"  # JSON keeps strings strings (a CSV reader makes "10" an int)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = load_dataset_columns(str(path), "t", "y")
+    assert data.label_names == names
+    texts, ys = data.train_texts + data.test_texts, [*data.train_labels, *data.test_labels]
+    for text, y in zip(texts, ys, strict=True):
+        assert text.endswith(f"of {names[y]}")  # each example keeps its own label
+
+
+def test_class_label_keeps_its_names_order_and_unlabelled_test_is_skipped(tmp_path):
+    import datasets
+
+    from fedscalar.tasks.text import load_dataset_columns
+
+    features = datasets.Features(
+        {"t": datasets.Value("string"), "y": datasets.ClassLabel(names=["pos", "neg", "mid"])}
+    )
+    folder = tmp_path / "hub"
+    folder.mkdir()
+    parts = {"train": [2, 0, 1] * 4, "validation": [1, 0, 2], "test": [-1, -1, -1]}
+    for split, ys in parts.items():
+        rows = {"t": [f"{split} {i}" for i in range(len(ys))], "y": ys}
+        datasets.Dataset.from_dict(rows, features=features).to_parquet(folder / f"{split}.parquet")
+    data = load_dataset_columns(str(folder), "t", "y")
+    assert data.label_names == ["pos", "neg", "mid"]
+    assert data.test_texts == ["validation 0", "validation 1", "validation 2"]
+    assert list(data.test_labels) == [1, 0, 2]
+
+
+def test_one_file_is_split_80_20_stratified_by_label(tmp_path, news_csv):
+    from fedscalar.tasks.text import load_dataset_columns
+
+    data = load_dataset_columns(str(news_csv), "sentence", "topic")
+    assert np.bincount(data.test_labels).tolist() == [6, 6, 6, 6]  # 30 of each topic
+    assert np.bincount(data.train_labels).tolist() == [24, 24, 24, 24]
+    again = load_dataset_columns(str(news_csv), "sentence", "topic")
+    assert again.test_texts == data.test_texts  # the fixed SPLIT_SEED
+    rows = [[f"a {i}", "a"] for i in range(40)] + [[f"b {i}", "b"] for i in range(9)]
+    rows.append(["c 0", "c"])
+    data = load_dataset_columns(str(_write_csv(tmp_path / "d.csv", ["t", "y"], rows)), "t", "y")
+    assert np.bincount(data.test_labels, minlength=3).tolist() == [8, 2, 0]
+    assert np.bincount(data.train_labels).tolist() == [32, 7, 1]  # a lone example trains
+
+
+def test_a_text_column_given_as_labels_is_one_short_line(bad_data):
+    from fedscalar.tasks.text import load_dataset_columns
+
+    with pytest.raises(ValueError) as e:
+        load_dataset_columns(str(bad_data / "documents.csv"), "topic", "sentence")
+    message = str(e.value)
+    assert message.startswith("label_column: 'sentence' has 150 distinct values in 150 rows")
+    assert "\n" not in message and len(message) < 300
+    assert "'0 the movie was good . the plot was f...'" in message  # at most 40 characters

@@ -209,8 +209,9 @@ class RunConfig(BaseModel):
     )
     verbalizers: list[str] | None = Field(
         None,
-        description="Causal LMs: one single-token word per label, in label order; default "
-        "sentiment ' terrible,great' otherwise ' <label name>'.",
+        description="One phrase per label, in label order. Causal LMs: a single-token word "
+        "each (default sentiment ' terrible,great', otherwise ' <label name>'); encoders: any "
+        "phrase, whose embedding starts the head (default 'This text is about <label name>.').",
     )
     max_length: int = Field(128, ge=2, description="Text tasks: tokens per example at most.")
     eval_examples: int = Field(
