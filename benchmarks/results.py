@@ -26,7 +26,15 @@ from fedscalar.report import collect, markdown, write_report
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = ROOT / "benchmarks" / "results"
 DOCS = ROOT / "docs"
-SECTIONS = ("digits", "mnist", "robust", "sentiment-minilm", "sentiment-smollm2", "sentiment")
+SECTIONS = (
+    "digits",
+    "mnist",
+    "robust",
+    "sentiment-minilm",
+    "sentiment-smollm2",
+    "sentiment-smollm2-full",
+    "sentiment",
+)
 """The page's sections in order (``sentiment``: the earlier 200-round MiniLM table)."""
 AGGREGATORS = ("mean", "median", "trimmed-mean", "krum")
 READING = SPECS / "reading.md"
@@ -111,6 +119,11 @@ def _lm_facts(rows) -> str:
     return "\n".join([*out, ratio] if ratio else out)
 
 
+def _first(comparison, algorithm: str):
+    """The configuration of ``algorithm``'s first run in ``comparison``."""
+    return next(c for (n, _), c in comparison.runs.items() if n == algorithm)
+
+
 def section(out: Path, name: str, jobs: int, train: bool = True) -> str:
     comparison = cmp.plan(out / name, file=SPECS / f"{name}.toml")
     if train:
@@ -124,11 +137,15 @@ def section(out: Path, name: str, jobs: int, train: bool = True) -> str:
         f"{first.clients} clients, {first.sampled} sampled per round, {first.partition} "
         f"partition, K={first.local_steps}, P={first.perturbations}, batch "
         f"{first.batch_size}, seeds {', '.join(map(str, comparison.seeds))}; learning "
-        "rates: "
-        + ", ".join(
-            f"{a} {comparison.runs[a, comparison.seeds[0]].lr:g}" for a in comparison.algorithms
-        )
+        "rates: " + ", ".join(f"{a} {_first(comparison, a).lr:g}" for a in comparison.algorithms)
     )
+    fewer = [
+        f"{a} {', '.join(str(sd) for (n, sd) in comparison.runs if n == a)}"
+        for a in comparison.algorithms
+        if sum(n == a for n, _ in comparison.runs) < len(comparison.seeds)
+    ]
+    if fewer:
+        setup += "; seeds of " + "; ".join(fewer)
     if first.task in ("sentiment", "text-classification"):
         setup += (
             f"; model {first.model}"

@@ -165,3 +165,19 @@ def test_a_changed_setting_on_an_existing_comparison_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"was run with lr=0\.03"):  # no mixed runs
         cmp.plan(tmp_path, ["decomfl"], [0], task="digits", rounds=2, eval_every=1, lr=0.1)
     cmp.plan(tmp_path, ["decomfl"], [0], task="digits", rounds=4, eval_every=1)  # extends
+
+
+def test_an_algorithm_may_run_on_fewer_seeds(tmp_path):
+    spec = tmp_path / "c.toml"
+    spec.write_text(
+        'algorithms = ["decomfl", "mezo"]\nseeds = [0, 1]\n[run]\ntask = "digits"\n'
+        "rounds = 4\neval_every = 2\n[algorithm.mezo]\nseeds = [1]\n"
+    )
+    comparison = cmp.plan(tmp_path / "out", file=spec)
+    assert sorted(comparison.runs) == [("decomfl", 0), ("decomfl", 1), ("mezo", 1)]
+    cmp.execute(comparison, echo=lambda _: None)
+    _, rows, _ = write_report(comparison, "digits")
+    assert {r.algorithm: r.runs for r in rows} == {"decomfl": 2, "mezo": 1}
+    spec.write_text(spec.read_text().replace("seeds = [1]", "seeds = [3]"))
+    with pytest.raises(ConfigError, match=r"algorithm\.mezo: seeds must be a subset"):
+        cmp.plan(tmp_path / "out2", file=spec)

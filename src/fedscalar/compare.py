@@ -17,6 +17,7 @@ Comparison file (``--config``), every key optional::
     rounds = 1000
     [algorithm.fedavg]       # options for one algorithm only
     lr = 0.3
+    seeds = [0]              # (a subset of the seeds: the algorithm runs on these only)
 """
 
 from __future__ import annotations
@@ -164,8 +165,14 @@ def plan(
     runs: dict[tuple[str, int], RunConfig] = {}
     own_horizon: set[tuple[str, int]] = set()  # runs whose lr_decay_rounds was given
     for name in algorithms:
-        for seed in seeds:
-            values = {**base, **tables.get(name, {}), "algorithm": name, "seed": seed}
+        table = dict(tables.get(name, {}))
+        own_seeds = table.pop("seeds", seeds)
+        if not isinstance(own_seeds, list) or not set(own_seeds) <= set(seeds):
+            raise ConfigError(
+                f"algorithm.{name}: seeds must be a subset of the comparison's seeds {seeds}"
+            )
+        for seed in own_seeds:
+            values = {**base, **table, "algorithm": name, "seed": seed}
             values["out"] = str(run_folder(Path(out), name, seed))
             if values.get("lr_decay_rounds") is not None:
                 own_horizon.add((name, seed))
