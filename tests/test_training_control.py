@@ -184,3 +184,19 @@ def test_text_runs_evaluate_a_subset_and_the_whole_split_at_both_ends(
     by_hand = task.evaluate(model, np.arange(n))
     assert full[0]["full_test_accuracy"] == by_hand["test_accuracy"]
     assert full[0]["full_test_loss"] == pytest.approx(by_hand["test_loss"], rel=1e-6)
+
+
+def test_a_loss_back_above_its_start_stops_the_run(tmp_path, monkeypatch):
+    # 0.7 is only 1.27x the best (0.55), but above the starting 0.6 by more than 10%
+    _scripted_losses(monkeypatch, [0.6, 0.55, 0.64, 0.7])
+    out = tmp_path / "r"
+    args = ["run", "--out", str(out), "--quiet", "--rounds", "15", "--lr", "0.03"]
+    result = CliRunner().invoke(
+        app, [*args, "--clients", "4", "--sampled", "2", "--eval-every", "5"]
+    )
+    assert result.exit_code == 1
+    assert (
+        "round 15: the test loss rose to 0.7, above its starting 0.6 after a best of 0.55 "
+        "(round 5, accuracy" in result.stderr
+    )
+    assert "--from-round 5" in result.stderr

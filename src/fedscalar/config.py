@@ -179,7 +179,8 @@ class RunConfig(BaseModel):
         ge=0,
         allow_inf_nan=False,
         description="Stop the run as diverged when an evaluation's test loss exceeds this "
-        "multiple of the best so far (0: never; a non-finite loss or weight always stops it).",
+        "multiple of the best so far, or rises 10% above its start after improving (0: never; "
+        "a non-finite loss or weight always stops it).",
     )
     mu: float = Field(1e-3, gt=0, allow_inf_nan=False, description="ZO smoothing radius.")
     difference: Literal["forward", "central"] = Field(

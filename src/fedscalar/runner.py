@@ -44,6 +44,10 @@ from fedscalar.tasks.partition import partition
 log = logging.getLogger("fedscalar")
 
 
+WORSE_THAN_START = 1.1
+"""A run whose test loss improved and then rose 10% above its starting value diverged."""
+
+
 class RunFailed(RuntimeError):
     """The run stopped early; its folder holds everything up to the last good round."""
 
@@ -415,21 +419,28 @@ class _Run:
             record.update(self.task.evaluate_full(self.space.model))
 
     def _check_divergence(self, history: list[dict[str, Any]]) -> None:
-        """Raise `Diverged` when the latest test loss is ``divergence_ratio`` times the best."""
+        """Raise `Diverged` when the latest test loss is ``divergence_ratio`` times the best
+        so far, or (having improved) is back above the starting loss by more than
+        `WORSE_THAN_START`: the model is then worse than the one training started from."""
         ratio = self.cfg.divergence_ratio
         evals = [h for h in history if "test_loss" in h]
         if ratio <= 0 or len(evals) < 2:
             return
-        best = min(evals[:-1], key=lambda h: h["test_loss"])
+        start, best = evals[0], min(evals[:-1], key=lambda h: h["test_loss"])
         now = evals[-1]
-        if best["test_loss"] > 0 and now["test_loss"] > ratio * best["test_loss"]:
-            self.best_round = best["round"]
-            raise Diverged(
-                f"round {now['round']}: the test loss rose to {now['test_loss']:.4g}, "
-                f"{now['test_loss'] / best['test_loss']:.1f}x its best ({best['test_loss']:.4g} "
-                f"at round {best['round']}, accuracy {best.get('test_accuracy', float('nan')):.3f})"
-                ": the learning rate is too large"
-            )
+        loss, low = now["test_loss"], best["test_loss"]
+        at = f"round {best['round']}, accuracy {best.get('test_accuracy', float('nan')):.3f}"
+        if low > 0 and loss > ratio * low:
+            why = f"{loss / low:.1f}x its best ({low:.4g} at {at})"
+        elif low < start["test_loss"] and loss > WORSE_THAN_START * start["test_loss"]:
+            why = f"above its starting {start['test_loss']:.4g} after a best of {low:.4g} ({at})"
+        else:
+            return
+        self.best_round = best["round"]
+        raise Diverged(
+            f"round {now['round']}: the test loss rose to {loss:.4g}, {why}: the learning rate "
+            "is too large"
+        )
 
     def execute(self, from_round: int | None = None) -> RunResult:
         cfg, rd = self.cfg, self.rd
