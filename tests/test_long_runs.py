@@ -69,3 +69,25 @@ def test_the_report_gives_rounds_and_hours(tmp_path):
             history = RunDir(cmp.run_folder(tmp_path, row.algorithm, seed)).read_metrics()
             assert hours == history[-1]["wall_seconds"] / 3600 and 0 < hours * 3600 < elapsed
         assert f"| 6 | {min(row.hours):.2f}" in table
+
+
+def test_training_processes_stop_cleanly_when_the_comparison_dies(tmp_path):
+    import psutil
+
+    out = tmp_path / "c"
+    cmd = [sys.executable, "-m", "fedscalar", "compare", "--out", str(out), *ARGS]
+    cmd[cmd.index("240")] = "100000"  # far more rounds than the test waits for
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    folder = cmp.run_folder(out, "decomfl", 0)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(RunDir(folder).read_metrics()) < 5:
+        time.sleep(0.5)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    proc.kill()  # the comparison only, as `kill -9 <pid>` would
+    proc.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=60)
+    assert not alive, "an orphaned training process kept running"
+    summary = RunDir(folder).read_summary()
+    assert summary is not None and summary["status"] == "interrupted"
+    history = RunDir(folder).read_metrics()  # a consistent prefix: resumable
+    assert [m["round"] for m in history] == list(range(len(history)))

@@ -222,6 +222,24 @@ def state_of(folder: Path, cfg: RunConfig) -> str:
     return "done" if finished else "resume"
 
 
+def _stop_with_parent(every: float = 2.0) -> None:
+    """Interrupt this training process (as Ctrl-C would: the run stops cleanly, resumable)
+    if the comparison that started it dies, so that no orphan keeps writing to a run
+    folder that a new comparison will resume."""
+    import _thread
+    import threading
+    import time
+
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        _thread.interrupt_main()
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _train(cfg_toml: str, mode: str, threads: int) -> dict[str, Any]:
     """Worker: one run in a fresh process; returns its summary (or the error)."""
     import logging
@@ -233,6 +251,7 @@ def _train(cfg_toml: str, mode: str, threads: int) -> dict[str, Any]:
 
     logging.getLogger("fedscalar").propagate = False
     torch.set_num_threads(threads)
+    _stop_with_parent()
     cfg = build_config_text(cfg_toml)
     folder = Path(cfg.out or ".")
     if mode == "new" and folder.exists():
