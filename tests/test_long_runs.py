@@ -77,7 +77,12 @@ def test_training_processes_stop_cleanly_when_the_comparison_dies(tmp_path):
     out = tmp_path / "c"
     cmd = [sys.executable, "-m", "fedscalar", "compare", "--out", str(out), *ARGS]
     cmd[cmd.index("240")] = "100000"  # far more rounds than the test waits for
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(  # started as `nohup ... &` would be: SIGINT ignored
+        cmd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),
+    )
     folder = cmp.run_folder(out, "decomfl", 0)
     deadline = time.time() + 120
     while time.time() < deadline and len(RunDir(folder).read_metrics()) < 5:
@@ -85,7 +90,7 @@ def test_training_processes_stop_cleanly_when_the_comparison_dies(tmp_path):
     workers = psutil.Process(proc.pid).children(recursive=True)
     proc.kill()  # the comparison only, as `kill -9 <pid>` would
     proc.wait()
-    gone, alive = psutil.wait_procs(workers, timeout=60)
+    _, alive = psutil.wait_procs(workers, timeout=60)
     assert not alive, "an orphaned training process kept running"
     summary = RunDir(folder).read_summary()
     assert summary is not None and summary["status"] == "interrupted"

@@ -227,10 +227,14 @@ def _stop_with_parent(every: float = 2.0) -> None:
     if the comparison that started it dies, so that no orphan keeps writing to a run
     folder that a new comparison will resume."""
     import _thread
+    import signal
     import threading
     import time
 
     parent = os.getppid()
+    # a comparison started in the background (`nohup ... &`) passes SIGINT on ignored, and
+    # interrupt_main() does nothing for an ignored signal: restore Python's handler
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def watch() -> None:
         while os.getppid() == parent:
