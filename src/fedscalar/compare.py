@@ -315,7 +315,8 @@ def execute(
                 while pending:
                     finished, _ = wait(pending, timeout=progress_every, return_when=FIRST_COMPLETED)
                     if not finished:
-                        echo("running: " + _progress(comparison, pending.values()))
+                        running = [run for f, run in pending.items() if f.running()]
+                        echo("running: " + _progress(comparison, running))
                     for future in finished:
                         name, seed, _ = pending.pop(future)
                         try:
@@ -332,13 +333,14 @@ def execute(
 
 
 def _progress(comparison: Comparison, runs) -> str:
-    """``decomfl seed 0 146/200, ...`` for the runs that have started."""
+    """``decomfl seed 0 146/200, ...`` for the runs in flight (``starting`` before their
+    first round)."""
     parts = []
     for name, seed, _ in runs:
         history = RunDir(comparison.folder(name, seed)).read_metrics()
-        if history:
-            total = comparison.runs[name, seed].rounds
-            parts.append(f"{name} seed {seed} {history[-1]['round']}/{total}")
+        total = comparison.runs[name, seed].rounds
+        done = f"{history[-1]['round']}/{total}" if history else "starting"
+        parts.append(f"{name} seed {seed} {done}")
     return ", ".join(parts) or "starting"
 
 

@@ -76,7 +76,7 @@ TEXT_LR: dict[tuple[str, str, bool], float] = {
     ("hiso", "minilm-l6", False): 1e-5,
     ("fo", "minilm-l6", False): 1e-4,
     ("zo", "smollm2-135m", True): 2e-2,
-    ("hiso", "smollm2-135m", True): 2e-2,
+    ("hiso", "smollm2-135m", True): 1e-2,
     ("fo", "smollm2-135m", True): 5e-2,
     ("zo", "smollm2-135m", False): 1e-5,
     ("hiso", "smollm2-135m", False): 1e-5,
