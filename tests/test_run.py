@@ -178,6 +178,8 @@ def test_divergence_stops_cleanly_and_resumes_with_smaller_lr(tmp_path, monkeypa
         "4",
         "--divergence-ratio",  # the test loss check would stop it first (round 8)
         "0",
+        "--divergence-backoff",
+        "0",
     ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1

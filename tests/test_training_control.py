@@ -74,7 +74,7 @@ def _scripted_losses(monkeypatch, losses):
 def test_a_rising_test_loss_stops_the_run_and_names_the_round_to_go_back_to(tmp_path, monkeypatch):
     out = tmp_path / "r"
     args = ["run", "--out", str(out), "--quiet", "--rounds", "20", "--lr", "0.03"]
-    args += ["--clients", "4", "--sampled", "2", "--eval-every", "5"]
+    args += ["--clients", "4", "--sampled", "2", "--eval-every", "5", "--divergence-backoff", "0"]
     _scripted_losses(monkeypatch, [2.3, 1.0, 0.8, 1.15, 1.1])  # 1.15 <= 1.5 x 0.8: goes on
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -191,12 +191,59 @@ def test_a_loss_back_above_its_start_stops_the_run(tmp_path, monkeypatch):
     _scripted_losses(monkeypatch, [0.6, 0.55, 0.64, 0.7])
     out = tmp_path / "r"
     args = ["run", "--out", str(out), "--quiet", "--rounds", "15", "--lr", "0.03"]
-    result = CliRunner().invoke(
-        app, [*args, "--clients", "4", "--sampled", "2", "--eval-every", "5"]
-    )
+    args += ["--clients", "4", "--sampled", "2", "--eval-every", "5", "--divergence-backoff", "0"]
+    result = CliRunner().invoke(app, args)
     assert result.exit_code == 1
     assert (
         "round 15: the test loss rose to 0.7, above its starting 0.6 after a best of 0.55 "
         "(round 5, accuracy" in result.stderr
     )
     assert "--from-round 5" in result.stderr
+
+
+def test_a_divergence_rolls_back_and_goes_on_with_smaller_steps(tmp_path, monkeypatch):
+    # evaluations at 0, 5, ..., 30; round 15 diverges (1.9 > 1.5 x 0.8): back to round 10
+    _scripted_losses(monkeypatch, [2.3, 1.0, 0.8, 1.9, 0.75, 0.7, 0.6, 0.5])
+    out = tmp_path / "r"
+    cfg = RunConfig(rounds=30, out=str(out), **SMALL)
+    summary = run(cfg).summary
+    assert summary["status"] == "completed" and summary["lr_scale"] == 0.5
+    assert "lr_scale = 0.5" in (out / "config.toml").read_text()  # a resume keeps it
+    updates = Ledger.open(out / "ledger.bin").updates
+    assert len(updates) == 30
+    assert {u.lr for u in updates[:10]} == {float(np.float32(0.03))}
+    assert {u.lr for u in updates[10:]} == {float(np.float32(0.015))}
+    metrics = RunDir(out).read_metrics()
+    assert [m["round"] for m in metrics] == list(range(31))
+    assert [m["test_loss"] for m in metrics if "test_loss" in m] == [
+        2.3,
+        1.0,
+        0.8,
+        0.75,
+        0.7,
+        0.6,
+        0.5,
+    ]
+    log = (out / "run.log").read_text()
+    assert "rolling back to round 10 and continuing with the learning rate scaled by 0.5" in log
+
+    # the same as doing it by hand: stop at the divergence, roll back, halve the rate
+    monkeypatch.undo()
+    _scripted_losses(monkeypatch, [2.3, 1.0, 0.8, 1.9, 0.75, 0.7, 0.6, 0.5])
+    by_hand = tmp_path / "h"
+    with pytest.raises(Exception, match=r"the learning rate is too large"):
+        run(RunConfig(rounds=30, out=str(by_hand), divergence_backoff=0, **SMALL))
+    overrides = {"out": str(by_hand), "lr_scale": 0.5, "divergence_backoff": 0.5}
+    run(resume=True, resume_overrides=overrides, from_round=10)
+    assert (out / "ledger.bin").read_bytes() == (by_hand / "ledger.bin").read_bytes()
+
+
+def test_back_offs_are_limited(tmp_path, monkeypatch):
+    # every evaluation after round 10 diverges again: three back-offs, then the run stops
+    _scripted_losses(monkeypatch, [2.3, 1.0, 0.8] + [1.9, 0.8] * 10)
+    out = tmp_path / "r"
+    with pytest.raises(Exception, match="the learning rate is too large"):
+        run(RunConfig(rounds=30, out=str(out), **SMALL))
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "diverged" and summary["lr_scale"] == 0.125
+    assert (out / "run.log").read_text().count("rolling back to round") == 3

@@ -73,6 +73,8 @@ def run(
     lr_decay_rounds: Annotated[int | None, _opt("lr_decay_rounds")] = None,
     lr_decay_to: Annotated[float | None, _opt("lr_decay_to")] = None,
     divergence_ratio: Annotated[float | None, _opt("divergence_ratio")] = None,
+    divergence_backoff: Annotated[float | None, _opt("divergence_backoff")] = None,
+    lr_scale: Annotated[float | None, _opt("lr_scale")] = None,
     mu: Annotated[float | None, _opt("mu")] = None,
     difference: Annotated[str | None, _opt("difference")] = None,
     batch_size: Annotated[int | None, _opt("batch_size")] = None,

@@ -189,16 +189,19 @@ def _check_existing(comparison: Comparison, own_horizon: set[tuple[str, int]]) -
     """Refuse to reuse a run folder that was started with different settings.
 
     A run extended by a larger ``rounds`` keeps its learning-rate schedule (the decay
-    horizon it started with), unless the comparison names ``lr_decay_rounds``.
+    horizon it started with), unless the comparison names ``lr_decay_rounds``, and every
+    run keeps the ``lr_scale`` its divergence back-offs left.
     """
     for (name, seed), cfg in comparison.runs.items():
         rd = RunDir(comparison.folder(name, seed))
         if not rd.exists():
             continue
         stored = build_config(rd.config)
+        kept = {"lr_scale": stored.lr_scale}  # the run's own divergence back-offs
         if (name, seed) not in own_horizon:
-            cfg = cfg.model_copy(update={"lr_decay_rounds": stored.lr_decay_rounds})
-            comparison.runs[name, seed] = cfg
+            kept["lr_decay_rounds"] = stored.lr_decay_rounds
+        cfg = cfg.model_copy(update=kept)
+        comparison.runs[name, seed] = cfg
         for field in RunConfig.model_fields:
             if field in CONTINUABLE:
                 continue

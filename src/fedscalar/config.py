@@ -110,6 +110,8 @@ RESUMABLE_CHANGES = frozenset(
         "lr_decay_rounds",
         "lr_decay_to",
         "divergence_ratio",
+        "divergence_backoff",
+        "lr_scale",
         "eval_every",
         "out",
         "runtime",
@@ -181,6 +183,21 @@ class RunConfig(BaseModel):
         description="Stop the run as diverged when an evaluation's test loss exceeds this "
         "multiple of the best so far, or rises 10% above its start after improving (0: never; "
         "a non-finite loss or weight always stops it).",
+    )
+    divergence_backoff: float = Field(
+        0.5,
+        ge=0,
+        lt=1,
+        description="On a divergence, roll the run back to its best evaluated round and go on "
+        "with the learning rate times this factor, at most 3 times (0: stop the run instead; "
+        "DeComFL, HiSo and the other replayable methods).",
+    )
+    lr_scale: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Multiplier of the learning rate, set by divergence back-offs (kept on "
+        "resume).",
     )
     mu: float = Field(1e-3, gt=0, allow_inf_nan=False, description="ZO smoothing radius.")
     difference: Literal["forward", "central"] = Field(
@@ -375,7 +392,7 @@ class RunConfig(BaseModel):
 
     def lr_at(self, rnd: int) -> float:
         """The learning rate of round ``rnd`` under the schedule."""
-        return learning_rate(
+        return self.lr_scale * learning_rate(
             self.effective_lr,
             rnd,
             kind=self.lr_schedule,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import resource
 import sys
 import time
@@ -46,6 +47,19 @@ log = logging.getLogger("fedscalar")
 
 WORSE_THAN_START = 1.1
 """A run whose test loss improved and then rose 10% above its starting value diverged."""
+
+
+MAX_BACKOFFS = 3
+"""Divergence back-offs a run takes (its lr_scale reaching divergence_backoff**3) before a
+divergence stops it."""
+
+
+class BackOff(Exception):
+    """A divergence the run recovers from: roll back to ``best_round``, smaller steps."""
+
+    def __init__(self, reason: str, best_round: int):
+        super().__init__(reason)
+        self.best_round = best_round
 
 
 class RunFailed(RuntimeError):
@@ -205,10 +219,32 @@ def execute(
     rd.path.mkdir(parents=True, exist_ok=True)
     handler = _setup_logging(rd)
     try:
-        return _Run(cfg, rd, resume, progress, runtime).execute(from_round)
+        while True:
+            try:
+                return _Run(cfg, rd, resume, progress, runtime).execute(from_round)
+            except BackOff as b:
+                scale = cfg.lr_scale * cfg.divergence_backoff
+                log.warning(
+                    "%s; rolling back to round %d and continuing with the learning rate "
+                    "scaled by %g (back-off %d of %d)",
+                    b,
+                    b.best_round,
+                    scale,
+                    _backoffs(cfg) + 1,
+                    MAX_BACKOFFS,
+                )
+                cfg = cfg.model_copy(update={"lr_scale": scale})
+                resume, from_round = True, b.best_round
     finally:
         log.removeHandler(handler)
         handler.close()
+
+
+def _backoffs(cfg: RunConfig) -> int:
+    """How many divergence back-offs ``cfg`` has taken (from its lr_scale)."""
+    if cfg.divergence_backoff <= 0 or cfg.lr_scale >= 1:
+        return 0
+    return round(math.log(cfg.lr_scale) / math.log(cfg.divergence_backoff))
 
 
 def batch_size(cfg: RunConfig) -> int:
@@ -526,6 +562,8 @@ class _Run:
             status, error = ("diverged" if e.nonfinite else "short-round"), str(e)
         except KeyboardInterrupt:
             status, error = "interrupted", "interrupted by the user"
+        if status == "diverged":
+            self._maybe_back_off(error or "diverged", history)
         summary = self._summary(history, status)
         rd.write_summary(summary)
         _plot(rd, history, cfg)
@@ -545,6 +583,22 @@ class _Run:
             )
         log.info("finished round %d", cfg.rounds)
         return RunResult(rd.path, summary)
+
+    def _maybe_back_off(self, reason: str, history: list[dict[str, Any]]) -> None:
+        """Raise `BackOff` when the run can recover from this divergence: back-offs are on,
+        not used up, the algorithm can replay its ledger to an earlier round, and an
+        evaluation before the last round was better."""
+        cfg = self.cfg
+        if cfg.divergence_backoff <= 0 or _backoffs(cfg) >= MAX_BACKOFFS:
+            return
+        if cfg.algorithm not in REPLAYABLE:
+            return
+        if self.best_round is None:  # a non-finite round: back to the best evaluation
+            evals = [h for h in history if "test_loss" in h]
+            if evals:
+                self.best_round = min(evals, key=lambda h: h["test_loss"])["round"]
+        if self.best_round is not None and self.best_round < history[-1]["round"]:
+            raise BackOff(reason, self.best_round)
 
     def _summary(self, history: list[dict[str, Any]], status: str) -> dict[str, Any]:
         cfg = self.cfg
@@ -583,6 +637,7 @@ class _Run:
             "attack": cfg.attack,
             "attackers": cfg.attackers,
             "aggregator": cfg.aggregator,
+            "lr_scale": cfg.lr_scale,
         }
 
     @staticmethod
