@@ -148,7 +148,7 @@ def test_local_folder_model_runs_resumes_and_exports(
 
 
 def test_sentiment_data_split_is_fixed():
-    from fedscalar.tasks.text import load_sentiment
+    from fedscalar.tasks.text_data import load_sentiment
 
     data = load_sentiment()
     assert len(data.train_texts) + len(data.test_texts) == 12808
@@ -372,7 +372,7 @@ def test_encoder_verbalizers_are_any_phrases(tiny_bert, news_csv):
     ],
 )
 def test_label_order_is_numeric_for_whole_numbers_else_alphabetical(tmp_path, labels, names):
-    from fedscalar.tasks.text import load_dataset_columns
+    from fedscalar.tasks.text_data import load_dataset_columns
 
     rows = [{"t": f"text {i} of {y}", "y": y} for i in range(5) for y in labels]
     path = tmp_path / "d.jsonl"  # JSON keeps strings strings (a CSV reader makes "10" an int)
@@ -387,7 +387,7 @@ def test_label_order_is_numeric_for_whole_numbers_else_alphabetical(tmp_path, la
 def test_class_label_keeps_its_names_order_and_unlabelled_test_is_skipped(tmp_path):
     import datasets
 
-    from fedscalar.tasks.text import load_dataset_columns
+    from fedscalar.tasks.text_data import load_dataset_columns
 
     features = datasets.Features(
         {"t": datasets.Value("string"), "y": datasets.ClassLabel(names=["pos", "neg", "mid"])}
@@ -405,7 +405,7 @@ def test_class_label_keeps_its_names_order_and_unlabelled_test_is_skipped(tmp_pa
 
 
 def test_one_file_is_split_80_20_stratified_by_label(tmp_path, news_csv):
-    from fedscalar.tasks.text import load_dataset_columns
+    from fedscalar.tasks.text_data import load_dataset_columns
 
     data = load_dataset_columns(str(news_csv), "sentence", "topic")
     assert np.bincount(data.test_labels).tolist() == [6, 6, 6, 6]  # 30 of each topic
@@ -420,7 +420,7 @@ def test_one_file_is_split_80_20_stratified_by_label(tmp_path, news_csv):
 
 
 def test_a_text_column_given_as_labels_is_one_short_line(bad_data):
-    from fedscalar.tasks.text import load_dataset_columns
+    from fedscalar.tasks.text_data import load_dataset_columns
 
     with pytest.raises(ValueError) as e:
         load_dataset_columns(str(bad_data / "documents.csv"), "topic", "sentence")

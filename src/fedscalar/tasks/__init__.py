@@ -26,7 +26,7 @@ def build_task(cfg: RunConfig) -> Task:
                 f"model: unknown model {model!r} for task {cfg.task}; choose from {MODEL_NAMES}"
             )
         return {"digits": vision.digits, "mnist": vision.mnist}[cfg.task](model)
-    from fedscalar.tasks import text
+    from fedscalar.tasks import text, text_data
 
     settings = text.TextSettings(
         model=model,
@@ -43,10 +43,10 @@ def build_task(cfg: RunConfig) -> Task:
         pack_tokens=cfg.pack_tokens,
     )
     if cfg.task == "sentiment":
-        data = text.load_sentiment()
+        data = text_data.load_sentiment()
     else:
         assert cfg.dataset is not None
-        data = text.load_dataset_columns(cfg.dataset, cfg.text_column, cfg.label_column)
+        data = text_data.load_dataset_columns(cfg.dataset, cfg.text_column, cfg.label_column)
     return text.TextTask(cfg.task, data, settings)
 
 
