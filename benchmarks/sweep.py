@@ -23,15 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from fedscalar import compare as cmp
+from fedscalar.report import mean_std as _mean_std
 from fedscalar.rundir import RunDir
-
-
-def _mean_std(values: list[float]) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.3f}"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def main() -> None:

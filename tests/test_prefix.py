@@ -4,29 +4,16 @@ import numpy as np
 import pytest
 import torch
 
-from fedscalar import RunConfig, run
+from fedscalar import run
 from fedscalar.algorithms import ClientData
 from fedscalar.algorithms.zo import ZOAlgorithm, ZOSettings, ZOState
 from fedscalar.params import ParamSpace
 from fedscalar.tasks import build_task
+from tests.text_config import text_config
 
 
 def _cfg(model, csv_path, **kw):
-    base = dict(
-        task="text-classification",
-        model=str(model),
-        dataset=str(csv_path),
-        text_column="sentence",
-        label_column="topic",
-        clients=3,
-        sampled=2,
-        eval_examples=16,
-        batch_size=4,
-        max_length=16,
-        lora=True,
-        lora_rank=2,
-    )
-    return RunConfig(**{**base, **kw})
+    return text_config(model, csv_path, **{"lora": True, "lora_rank": 2, **kw})
 
 
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_bert"])

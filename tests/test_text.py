@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from typer.testing import CliRunner
 
-from fedscalar import RunConfig, run
+from fedscalar import run
 from fedscalar.algorithms import ClientData
 from fedscalar.algorithms.zo import ZOAlgorithm, ZOClient, ZOServer, ZOSettings, ZOState
 from fedscalar.cli import app
@@ -18,28 +18,12 @@ from fedscalar.params import ParamSpace
 from fedscalar.rundir import RunDir
 from fedscalar.tasks import build_task
 from fedscalar.tasks.text import PromptClassifier
-
-
-def _cfg(model, csv_path, **kw):
-    base = dict(
-        task="text-classification",
-        model=str(model),
-        dataset=str(csv_path),
-        text_column="sentence",
-        label_column="topic",
-        clients=3,
-        sampled=2,
-        eval_examples=16,
-        batch_size=4,
-        max_length=16,
-    )
-    base.update(kw)
-    return RunConfig(**base)
+from tests.text_config import text_config
 
 
 def test_prompt_loss_matches_a_hand_computed_value(tiny_llama, news_csv):
     task = build_task(
-        _cfg(
+        text_config(
             tiny_llama,
             news_csv,
             template="{text} answer :",
@@ -76,7 +60,7 @@ def _client_data(task, cid):
 
 @pytest.mark.parametrize("hiso", [False, True])
 def test_lora_zo_server_and_clients_bit_identical(tiny_llama, news_csv, hiso):
-    task = build_task(_cfg(tiny_llama, news_csv, lora=True, lora_rank=2))
+    task = build_task(text_config(tiny_llama, news_csv, lora=True, lora_rank=2))
     base = task.build_model(0)
     space = ParamSpace(base)
     assert all("lora_" in n for n in space.names)  # only the adapters train
@@ -120,7 +104,7 @@ def test_local_folder_model_runs_resumes_and_exports(
 ):
     folder = request.getfixturevalue(fixture)
     out = tmp_path / "r"
-    cfg = _cfg(
+    cfg = text_config(
         folder,
         news_csv,
         algorithm=algorithm,
@@ -241,7 +225,7 @@ def test_missing_package_names_the_install_command(monkeypatch, tmp_path):
 
 def test_bfloat16_weights_train_and_stay_bfloat16(tiny_llama, news_csv, tmp_path):
     out = tmp_path / "bf16"
-    cfg = _cfg(tiny_llama, news_csv, dtype="bfloat16", rounds=3, lr=1e-2, out=str(out))
+    cfg = text_config(tiny_llama, news_csv, dtype="bfloat16", rounds=3, lr=1e-2, out=str(out))
     assert run(cfg).summary["rounds"] == 3
     weights, _ = RunDir.load_tensors(out / "checkpoint.safetensors")
     base, _ = RunDir.load_tensors(out / "base.safetensors")
@@ -252,7 +236,7 @@ def test_bfloat16_weights_train_and_stay_bfloat16(tiny_llama, news_csv, tmp_path
 @pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_bert"])
 @pytest.mark.parametrize("budget", [8, 20, 10_000])
 def test_packed_batches_score_like_one_sequence_at_a_time(request, news_csv, fixture, budget):
-    task = build_task(_cfg(request.getfixturevalue(fixture), news_csv, max_length=16))
+    task = build_task(text_config(request.getfixturevalue(fixture), news_csv, max_length=16))
     task.s.pack_tokens = budget
     model = task.build_model(0)
     assert task.packed  # both architectures honour the block mask
@@ -267,7 +251,7 @@ def test_packed_batches_score_like_one_sequence_at_a_time(request, news_csv, fix
 
 
 def test_a_model_that_ignores_the_block_mask_gets_padded_batches(tiny_bert, news_csv):
-    task = build_task(_cfg(tiny_bert, news_csv, max_length=16))
+    task = build_task(text_config(tiny_bert, news_csv, max_length=16))
     model = task.build_model(0)
     forward = model.encoder.forward
     model.encoder.forward = lambda **kw: forward(**{**kw, "attention_mask": None})
@@ -314,7 +298,7 @@ def bad_data(tmp_path_factory):
 def test_encoder_head_starts_as_cosine_zero_shot_classifier(tiny_bert, news_csv):
     from fedscalar.tasks.text import HEAD_SCALE, EncoderClassifier
 
-    task = build_task(_cfg(tiny_bert, news_csv))
+    task = build_task(text_config(tiny_bert, news_csv))
     assert task.data.label_names == ["business", "sports", "tech", "world"]
     assert task.label_texts[0] == "This text is about business."
     model = task.build_model(0)
@@ -345,19 +329,20 @@ def test_encoder_head_starts_as_cosine_zero_shot_classifier(tiny_bert, news_csv)
 
 def test_encoder_verbalizers_are_any_phrases(tiny_bert, news_csv):
     phrases = ["business market", "sports game team", "tech phone", "world news"]
-    task = build_task(_cfg(tiny_bert, news_csv, verbalizers=phrases))
+    task = build_task(text_config(tiny_bert, news_csv, verbalizers=phrases))
     assert task.label_texts == phrases  # several tokens each: fine for an encoder
     model = task.build_model(0)
-    default = build_task(_cfg(tiny_bert, news_csv)).build_model(0)
+    default = build_task(text_config(tiny_bert, news_csv)).build_model(0)
     assert not torch.allclose(model.head.weight, default.head.weight)
     texts = ["tech phone", "a market business", "news world the"]
     with torch.no_grad():
         scores = model(task._tokens(task.pre.tokenizer(texts)["input_ids"]))
     assert scores.argmax(-1).tolist() == [2, 0, 3]
-    lora = build_task(_cfg(tiny_bert, news_csv, verbalizers=phrases, lora=True)).build_model(0)
+    lora_cfg = text_config(tiny_bert, news_csv, verbalizers=phrases, lora=True)
+    lora = build_task(lora_cfg).build_model(0)
     assert torch.equal(lora.head.weight, model.head.weight) and lora.head.weight.requires_grad
     with pytest.raises(ValueError, match="verbalizers: 3 verbalizers for 4 labels"):
-        build_task(_cfg(tiny_bert, news_csv, verbalizers=phrases[:3]))
+        build_task(text_config(tiny_bert, news_csv, verbalizers=phrases[:3]))
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,7 @@ from fedscalar.ledger import Ledger
 from fedscalar.messages import encode
 from fedscalar.rundir import RunDir
 from fedscalar.schedule import learning_rate
+from tests.text_config import text_options
 
 SMALL = dict(task="digits", clients=4, sampled=2, eval_every=5, batch_size=16, lr=0.03)
 
@@ -155,20 +156,7 @@ def test_text_runs_evaluate_a_subset_and_the_whole_split_at_both_ends(
 ):
     from fedscalar.tasks import build_task
 
-    common = dict(
-        task="text-classification",
-        model=str(tiny_llama),
-        dataset=str(news_csv),
-        text_column="sentence",
-        label_column="topic",
-        clients=3,
-        sampled=2,
-        batch_size=4,
-        max_length=16,
-        eval_examples=10,
-        eval_every=2,
-        lr=1e-2,
-    )
+    common = text_options(tiny_llama, news_csv, eval_examples=10, eval_every=2, lr=1e-2)
     out = tmp_path / "r"
     summary = run(RunConfig(rounds=4, out=str(out), **common)).summary
     metrics = RunDir(out).read_metrics()

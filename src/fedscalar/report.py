@@ -39,7 +39,8 @@ class Row:
     full_final: list[float]  # ... at the last round, when it was scored there
 
 
-def _mean_std(values: list[float]) -> str:
+def mean_std(values: list[float]) -> str:
+    """``mean ± std`` to three decimals (the value alone for one, ``-`` for none)."""
     if not values:
         return "-"
     if len(values) == 1:
@@ -172,9 +173,9 @@ def markdown(rows: list[Row], target: float | None) -> str:
     header += [*HEADER[3:-1], "rounds", "hours", HEADER[-1]]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        cells = [r.algorithm, _mean_std(r.final), _mean_std(r.best)]
+        cells = [r.algorithm, mean_std(r.final), mean_std(r.best)]
         if full:
-            cells += [_mean_std(r.full_initial), _mean_std(r.full_final)]
+            cells += [mean_std(r.full_initial), mean_std(r.full_final)]
         cells += [
             _reached(r.to_target),
             _bytes(r.bytes_up),
