@@ -31,6 +31,7 @@ SECTIONS = (
     "mnist",
     "robust",
     "sentiment-minilm",
+    "sentiment-minilm-full",
     "sentiment-smollm2",
     "sentiment-smollm2-full",
     "sentiment",

@@ -181,3 +181,21 @@ def test_an_algorithm_may_run_on_fewer_seeds(tmp_path):
     spec.write_text(spec.read_text().replace("seeds = [1]", "seeds = [3]"))
     with pytest.raises(ConfigError, match=r"algorithm\.mezo: seeds must be a subset"):
         cmp.plan(tmp_path / "out2", file=spec)
+
+
+def test_a_run_that_backed_off_keeps_its_smaller_steps_when_the_comparison_resumes(tmp_path):
+    comparison = cmp.plan(tmp_path, ["decomfl"], [0], **FAST)
+    cmp.execute(comparison, echo=lambda _: None)
+    folder = cmp.run_folder(tmp_path, "decomfl", 0)
+    # what a divergence back-off leaves: the run rolled back, its rate halved
+    run(resume=True, resume_overrides={"out": str(folder), "lr_scale": 0.5}, from_round=4)
+    longer = cmp.plan(tmp_path, ["decomfl"], [0], **{**FAST, "rounds": 12})  # not refused
+    assert longer.runs["decomfl", 0].lr_scale == 0.5
+    cmp.execute(longer, echo=lambda _: None)
+    assert "lr_scale = 0.5" in (folder / "config.toml").read_text()
+    from fedscalar.ledger import Ledger
+
+    lrs = [u.lr for u in Ledger.open(folder / "ledger.bin").updates]
+    base = RunConfig(**FAST).resolved().lr
+    assert lrs[:4] == [float(np.float32(base))] * 4
+    assert lrs[4:] == [float(np.float32(base * 0.5))] * 8
