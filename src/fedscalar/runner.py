@@ -484,7 +484,8 @@ class _Run:
         if self.resume:
             start = self._restore(from_round)
             history = rd.truncate_metrics(start)
-            log.info("resumed at round %d (target %d, lr %g)", start, cfg.rounds, cfg.lr)
+            next_lr = cfg.lr_at(start + 1)
+            log.info("resumed at round %d (target %d, lr %g)", start, cfg.rounds, next_lr)
         else:
             start, history = 0, []
             log.info("started %s on %s: %d parameters", cfg.algorithm, cfg.task, self.space.numel)
