@@ -8,6 +8,9 @@ step, a HiSo step, or a first-order (FedAvg) step on the same batch.
 
     python benchmarks/zo_step.py [--models minilm-l6,smollm2-135m] [--repeats 5]
         [--batch 16] [--tokens 64] [--perturbations 5]
+
+Also the time every party spends applying one round's global update (K=1, P directions)
+with update arithmetic v1 and v2 (fedscalar.arithmetic), for DeComFL and HiSo.
 """
 
 from __future__ import annotations
@@ -61,6 +64,19 @@ if mode == "speed":
         s = time.perf_counter(); plain(); t_plain.append(time.perf_counter() - s)
         s = time.perf_counter(); step(); t_zo.append(time.perf_counter() - s)
     out.update(plain=t_plain, zo=t_zo)
+    # applying one round's global update (K=1), as every party does, in each arithmetic
+    from fedscalar.arithmetic import apply_
+    params = ParamSpace(model).params
+    curvature = [torch.ones(p.numel()) for p in params]
+    steps = [[(777, p, 0.01 * (p + 1)) for p in range(P)]]
+    for version in ("v1", "v2"):
+        for hiso in (False, True):
+            times = []
+            for _ in range(repeats):
+                s = time.perf_counter()
+                apply_(params, curvature if hiso else None, steps, 1e-7, version=version)
+                times.append(time.perf_counter() - s)
+            out[f"apply_{version}_{'hiso' if hiso else 'decomfl'}"] = times
 else:
     fn = {"inference": plain, "decomfl": zo(False), "hiso": zo(True), "fedavg": first_order}[mode]
     fn()
@@ -97,6 +113,7 @@ def main() -> None:
         "| DeComFL step | HiSo step | FedAvg step | ZO/inference |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
+    applied = []
     for model in args.models.split(","):
         t0 = time.perf_counter()
         speed = child(model, "speed", *common)
@@ -116,6 +133,20 @@ def main() -> None:
             f"<!-- {model}: {json.dumps(speed)} {json.dumps(mem)} "
             f"({time.perf_counter() - t0:.0f} s) -->",
             flush=True,
+        )
+        applied.append((model, plain, zo, speed))
+    print(
+        "\nApplying one global update (K=1), median; the last column is a HiSo client's "
+        "round (ZO step + applying the update with v2) over its P+1 plain forwards\n"
+    )
+    print("| model | DeComFL v1 | DeComFL v2 | HiSo v1 | HiSo v2 | HiSo round / forwards |")
+    print("|---|---|---|---|---|---|")
+    for model, plain, zo, speed in applied:
+        t = {k: statistics.median(v) for k, v in speed.items() if k.startswith("apply_")}
+        print(
+            f"| {model} | {t['apply_v1_decomfl']:.3f} s | {t['apply_v2_decomfl']:.3f} s "
+            f"| {t['apply_v1_hiso']:.3f} s | {t['apply_v2_hiso']:.3f} s "
+            f"| **{(zo + t['apply_v2_hiso']) / plain:.2f}** |"
         )
 
 

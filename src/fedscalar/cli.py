@@ -100,6 +100,7 @@ def run(
     lora_layers: Annotated[int | None, _opt("lora_layers")] = None,
     dtype: Annotated[str | None, _opt("dtype")] = None,
     device: Annotated[str | None, _opt("device")] = None,
+    arithmetic: Annotated[str | None, _opt("arithmetic")] = None,
     catch_up: Annotated[str | None, _opt("catch_up")] = None,
     runtime: Annotated[str | None, _opt("runtime")] = None,
     min_replies: Annotated[int | None, _opt("min_replies")] = None,

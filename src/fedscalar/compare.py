@@ -197,7 +197,9 @@ def _check_existing(comparison: Comparison, own_horizon: set[tuple[str, int]]) -
         if not rd.exists():
             continue
         stored = build_config(rd.config)
-        kept = {"lr_scale": stored.lr_scale}  # the run's own divergence back-offs
+        # the arithmetic its ledger was written with, and the run's own divergence back-offs
+        stored = stored.model_copy(update={"arithmetic": _written_with(rd, stored)})
+        kept = {"lr_scale": stored.lr_scale, "arithmetic": stored.arithmetic}
         if (name, seed) not in own_horizon:
             kept["lr_decay_rounds"] = stored.lr_decay_rounds
         cfg = cfg.model_copy(update=kept)
@@ -210,6 +212,16 @@ def _check_existing(comparison: Comparison, own_horizon: set[tuple[str, int]]) -
                     f"out: {rd.path} was run with {field}={getattr(stored, field)!r}, this "
                     f"comparison asks for {getattr(cfg, field)!r}; use another --out"
                 )
+
+
+def _written_with(rd: RunDir, stored: RunConfig) -> str:
+    """The update arithmetic of an existing run: its config's, or for a run whose config
+    predates the option, its ledger header's (``v1`` when that says nothing either)."""
+    if "arithmetic" in read_toml(rd.config) or not rd.ledger.exists():
+        return stored.arithmetic
+    from fedscalar.ledger import Ledger
+
+    return Ledger.open(rd.ledger).header.get("arithmetic", "v1")
 
 
 def state_of(folder: Path, cfg: RunConfig) -> str:

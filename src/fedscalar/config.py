@@ -257,6 +257,12 @@ class RunConfig(BaseModel):
         "float32", description="Text tasks: weights dtype."
     )
     device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="cpu, cuda or auto.")
+    arithmetic: Literal["v1", "v2"] = Field(
+        "v2",
+        description="How global updates are computed: v2, bit-identical on every IEEE-754 "
+        "device (docs/protocol.md); v1, the arithmetic of runs started before it (read from "
+        "their ledger on resume and export).",
+    )
     catch_up: Literal["replay", "auto"] = Field(
         "replay",
         description="How a client that missed rounds gets up to date: replay the missed "

@@ -12,7 +12,7 @@ from fedscalar.config import ConfigError, build_config
 from fedscalar.ledger import Ledger, LedgerError
 from fedscalar.params import ParamSpace
 from fedscalar.rundir import RunDir
-from fedscalar.runner import load_base
+from fedscalar.runner import header_arithmetic, load_base
 from fedscalar.tasks import build_task
 from fedscalar.tasks.hf import MissingPackage
 
@@ -35,6 +35,7 @@ def rebuild(run_dir: str | Path, rounds: int | None = None) -> tuple[dict[str, t
     ledger = Ledger.open(rd.ledger)
     if ledger.header.get("generator") != directions.GENERATOR_ID:
         raise LedgerError(f"{rd.ledger} uses direction generator {ledger.header.get('generator')}")
+    cfg = header_arithmetic(rd, cfg, ledger.header)
     target = len(ledger) if rounds is None else rounds
     if cfg.algorithm not in REPLAYABLE:
         tensors, meta = RunDir.load_tensors(rd.checkpoint)

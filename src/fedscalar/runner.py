@@ -31,7 +31,8 @@ from fedscalar.algorithms import (
     make_client,
     make_server,
 )
-from fedscalar.config import RESUMABLE_CHANGES, ConfigError, RunConfig, build_config
+from fedscalar.arithmetic import ARITHMETIC
+from fedscalar.config import RESUMABLE_CHANGES, ConfigError, RunConfig, build_config, read_toml
 from fedscalar.ledger import Ledger, LedgerError
 from fedscalar.messages import GlobalUpdate, Message
 from fedscalar.params import ParamSpace
@@ -95,6 +96,8 @@ def ledger_header(cfg: RunConfig, space: ParamSpace) -> dict[str, Any]:
         "task": cfg.task,
         "model": cfg.model,
         "generator": directions.GENERATOR_ID,
+        "arithmetic": cfg.arithmetic,
+        "parameters": [[n, list(p.shape)] for n, p in zip(space.names, space.params, strict=True)],
         "fingerprint": space.fingerprint(),
         "num_parameters": space.numel,
         "base_digest": space.digest(),
@@ -118,6 +121,24 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: cuda requested but torch sees no CUDA device")
     return torch.device(name)
+
+
+def header_arithmetic(rd: RunDir, cfg: RunConfig, header: dict[str, Any]) -> RunConfig:
+    """``cfg`` with the arithmetic the ledger was written with (a header without one is
+    ``v1``); refuses a ``config.toml`` that names another."""
+    written = header.get("arithmetic", "v1")
+    if written not in ARITHMETIC:
+        raise LedgerError(
+            f"{rd.ledger} uses update arithmetic {written!r}, which this fedscalar does not know "
+            f"({', '.join(ARITHMETIC)}); export or resume it with the version that wrote it"
+        )
+    stated = read_toml(rd.config).get("arithmetic") if rd.config.exists() else None
+    if stated is not None and stated != written:
+        raise LedgerError(
+            f"{rd.config} says arithmetic = {stated!r} but {rd.ledger} was written with "
+            f"{written!r}; the ledger decides: restore config.toml"
+        )
+    return cfg.model_copy(update={"arithmetic": written})
 
 
 def load_base(rd: RunDir, space: ParamSpace, header: dict[str, Any]) -> None:
@@ -317,6 +338,7 @@ class _Run:
         self.space = ParamSpace(model.to(resolve_device(cfg.device)))
         if resume:
             self.ledger = Ledger.open(rd.ledger)
+            cfg = self.cfg = header_arithmetic(rd, cfg, self.ledger.header)
             load_base(rd, self.space, self.ledger.header)
             rd.write_atomic(rd.config, cfg.to_toml())  # what a later --resume continues
         else:

@@ -29,6 +29,7 @@ def zo_settings(cfg: RunConfig) -> ZOSettings:
         beta=cfg.hiso_beta,
         eps=cfg.hiso_eps,
         curvature_update=cfg.hiso_curvature_update,
+        arithmetic=cfg.arithmetic,
     )
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from fedscalar import directions
+from fedscalar import arithmetic
 from fedscalar.algorithms.aggregators import aggregate
 from fedscalar.algorithms.base import (
     Client,
@@ -35,7 +35,7 @@ from fedscalar.messages import (
     encode,
     state_size,
 )
-from fedscalar.params import ParamSpace, Precond, Term, copy_flat_, work_dtype
+from fedscalar.params import ParamSpace, Precond, Term, copy_flat_
 
 
 class ProtocolError(RuntimeError):
@@ -51,6 +51,7 @@ class ZOSettings:
     beta: float = 0.95
     eps: float = 1e-8
     curvature_update: str = "last"  # or "all" (HiSo with K > 1)
+    arithmetic: str = arithmetic.CURRENT  # how updates are computed (fedscalar.arithmetic)
 
 
 class ZOState:
@@ -113,30 +114,20 @@ class ZOAlgorithm:
             state.round = update.round
             return
         k_steps, p_count = update.scalars.shape
-        step_terms = [
+        steps = [
             [(update.seeds[k], p, float(update.scalars[k, p]) / p_count) for p in range(p_count)]
             for k in range(k_steps)
         ]
-        beta = self.s.beta
-        with torch.no_grad():
-            for i, param in enumerate(state.space.params):
-                flat = param.data.view(-1)
-                h = state.curvature[i] if state.curvature is not None else None
-                for start, stop in directions.chunks(param.numel()):
-                    denom = (
-                        torch.sqrt(h[start:stop] + self.s.eps).to(work_dtype(param))
-                        if h is not None
-                        else None
-                    )
-                    for k, terms in enumerate(step_terms):
-                        d = directions.combination(
-                            terms, i, start, stop, device=param.device, dtype=work_dtype(param)
-                        )
-                        if denom is not None:
-                            d.div_(denom)
-                        flat[start:stop].add_(d.to(param.dtype), alpha=-update.lr)
-                        if h is not None and (self.s.curvature_update == "all" or k == k_steps - 1):
-                            h[start:stop].mul_(beta).add_((d * d).to(h.dtype), alpha=1 - beta)
+        arithmetic.apply_(
+            state.space.params,
+            state.curvature,
+            steps,
+            update.lr,
+            eps=self.s.eps,
+            beta=self.s.beta,
+            update_all=self.s.curvature_update == "all",
+            version=self.s.arithmetic,
+        )
         state.round = update.round
 
     @torch.no_grad()
