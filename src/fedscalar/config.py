@@ -70,7 +70,7 @@ the task's default model (docs/results.md#learning-rates)."""
 
 TEXT_LR: dict[tuple[str, str, bool], float] = {
     ("zo", "minilm-l6", True): 1e-2,
-    ("hiso", "minilm-l6", True): 1e-2,
+    ("hiso", "minilm-l6", True): 3e-3,
     ("fo", "minilm-l6", True): 1e-1,
     ("zo", "minilm-l6", False): 1e-5,
     ("hiso", "minilm-l6", False): 1e-5,
