@@ -65,9 +65,12 @@ def read_ledger(path) -> tuple[dict, list[tuple[int, float, list[int], np.ndarra
     raw = Path(path).read_bytes()
     assert raw[:8] == b"FSLEDGER"
     version, n = struct.unpack_from("<HI", raw, 8)
-    assert version == 1
+    assert version in (1, 2)
     header = json.loads(raw[14 : 14 + n])
     records, pos = [], 14 + n
+    if version == 2:  # the header's CRC-32 follows it
+        assert struct.unpack_from("<I", raw, pos)[0] == zlib.crc32(raw[14 : 14 + n])
+        pos += 4
     while pos < len(raw):
         (length,) = struct.unpack_from("<I", raw, pos)
         body = raw[pos + 4 : pos + 4 + length]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -230,12 +229,11 @@ def test_v1_and_v2_differ_and_the_ledger_decides(tmp_path):
 def test_an_unknown_arithmetic_is_refused_by_name(tmp_path):
     out = tmp_path / "r"
     run(RunConfig(**{**SMALL, "algorithm": "decomfl"}, out=str(out)))
-    raw = (out / "ledger.bin").read_bytes()
-    (n,) = struct.unpack_from("<I", raw, 10)
-    header = json.loads(raw[14 : 14 + n])
-    header["arithmetic"] = "v9"
-    blob = json.dumps(header, sort_keys=True).encode()
-    (out / "ledger.bin").write_bytes(raw[:10] + struct.pack("<I", len(blob)) + blob + raw[14 + n :])
+    ledger = Ledger.open(out / "ledger.bin")
+    records = b"".join(Ledger.record(u) for u in ledger.updates)
+    Ledger.create(out / "ledger.bin", {**ledger.header, "arithmetic": "v9"})
+    with open(out / "ledger.bin", "ab") as f:
+        f.write(records)
     config = (out / "config.toml").read_text().splitlines()
     (out / "config.toml").write_text("\n".join(x for x in config if "arithmetic" not in x))
     with pytest.raises(LedgerError, match=r"update arithmetic 'v9', which this fedscalar"):

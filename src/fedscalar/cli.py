@@ -133,7 +133,7 @@ def run(
     except (ConfigError, LedgerError) as e:
         raise _fail(str(e)) from None
     except RunFailed as e:
-        raise _fail(str(e), code=1) from None
+        raise _fail(str(e), code=e.code) from None
     s = result.summary
     acc = f"{s['final_test_accuracy']:.4f} (best {s['best_test_accuracy']:.4f})"
     traffic = (

@@ -6,13 +6,12 @@ from pathlib import Path
 
 import torch
 
-from fedscalar import directions
 from fedscalar.algorithms import REPLAYABLE, make_server
 from fedscalar.config import ConfigError, build_config
-from fedscalar.ledger import Ledger, LedgerError
+from fedscalar.header import check_header, load_base
+from fedscalar.ledger import Ledger
 from fedscalar.params import ParamSpace
 from fedscalar.rundir import RunDir
-from fedscalar.runner import header_arithmetic, load_base
 from fedscalar.tasks import build_task
 from fedscalar.tasks.hf import MissingPackage
 
@@ -32,10 +31,8 @@ def rebuild(run_dir: str | Path, rounds: int | None = None) -> tuple[dict[str, t
     except (ValueError, MissingPackage) as e:
         raise ConfigError(str(e)) from None
     space = ParamSpace(task.build_model(cfg.seed))
-    ledger = Ledger.open(rd.ledger)
-    if ledger.header.get("generator") != directions.GENERATOR_ID:
-        raise LedgerError(f"{rd.ledger} uses direction generator {ledger.header.get('generator')}")
-    cfg = header_arithmetic(rd, cfg, ledger.header)
+    ledger = Ledger.open(rd.ledger)  # read only: a torn last record is ignored, not cut
+    cfg = check_header(rd, cfg, ledger.header)
     target = len(ledger) if rounds is None else rounds
     if cfg.algorithm not in REPLAYABLE:
         tensors, meta = RunDir.load_tensors(rd.checkpoint)

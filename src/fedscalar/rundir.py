@@ -2,18 +2,29 @@
 
 Files are appended or replaced atomically, so a run stopped at any point (crash,
 Ctrl-C, divergence) leaves a consistent prefix: ``metrics.jsonl`` and ``ledger.bin``
-agree on the last completed round and ``--resume`` continues from there.
+agree on the last completed round and ``--resume`` continues from there. One process
+at a time writes a folder (`RunDir.writing`); readers never change it.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
+
+from fedscalar.config import ConfigError
+
+
+class FolderLocked(ConfigError):
+    """Another process is writing the run folder."""
 
 
 class RunDir:
@@ -28,9 +39,46 @@ class RunDir:
     checkpoint = property(lambda self: self.path / "checkpoint.safetensors")
     curves = property(lambda self: self.path / "curves.png")
     log = property(lambda self: self.path / "run.log")
+    lock = property(lambda self: self.path / ".lock")
 
     def exists(self) -> bool:
         return self.config.exists()
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        """Hold the folder's write lock: an advisory ``flock`` on ``.lock`` that the
+        operating system releases when the process ends, however it ends (a SIGKILL
+        leaves no stale lock). A second writer gets `FolderLocked` naming the holder."""
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"out: {self.path} is a file, not a run folder")
+        self.path.mkdir(parents=True, exist_ok=True)
+        f = open(self.lock, "a+")  # noqa: SIM115 (held for the whole block)
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            f.close()
+            raise FolderLocked(
+                f"out: {self.path} is being written by {holder}; wait for it to finish or "
+                "stop it, then run again"
+            ) from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"process {os.getpid()}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+            f.close()
+
+    @staticmethod
+    def fsync(path: Path) -> None:
+        """Force ``path``'s appended bytes to disk."""
+        if path.exists():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
 
     # -- metrics ------------------------------------------------------------------------
     def append_metrics(self, record: dict[str, Any]) -> None:
@@ -57,9 +105,28 @@ class RunDir:
     # -- weights ------------------------------------------------------------------------
     @staticmethod
     def save_tensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+        """Write a safetensors file atomically and byte for byte reproducibly: the same
+        tensors and metadata give the same bytes (the library orders the metadata keys
+        at random; the header is rewritten with sorted keys)."""
+        blob = save({k: v.detach().contiguous() for k, v in tensors.items()}, metadata=meta)
+        (n,) = struct.unpack_from("<Q", blob)
+        header = json.dumps(json.loads(blob[8 : 8 + n]), sort_keys=True, separators=(",", ":"))
+        header += " " * (-len(header) % 8)  # the format pads the header to 8 bytes
         tmp = path.with_suffix(".tmp")
-        save_file({k: v.detach().contiguous() for k, v in tensors.items()}, tmp, metadata=meta)
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(header)) + header.encode() + blob[8 + n :])
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+
+    def checkpoint_round(self) -> int | None:
+        """The round ``checkpoint.safetensors`` holds, or None when there is none."""
+        if not self.checkpoint.exists():
+            return None
+        from safetensors import safe_open
+
+        with safe_open(self.checkpoint, framework="pt") as f:
+            return int((f.metadata() or {})["round"])
 
     @staticmethod
     def load_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

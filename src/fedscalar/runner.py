@@ -10,10 +10,12 @@ import hashlib
 import logging
 import math
 import resource
+import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -22,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedscalar import directions, schedule
+from fedscalar import schedule
 from fedscalar.algorithms import (
     REPLAYABLE,
     ClientData,
@@ -31,9 +33,9 @@ from fedscalar.algorithms import (
     make_client,
     make_server,
 )
-from fedscalar.arithmetic import ARITHMETIC
-from fedscalar.config import RESUMABLE_CHANGES, ConfigError, RunConfig, build_config, read_toml
-from fedscalar.ledger import Ledger, LedgerError
+from fedscalar.config import RESUMABLE_CHANGES, ConfigError, RunConfig, build_config
+from fedscalar.header import BASE_COPY_LIMIT, check_header, ledger_header, load_base
+from fedscalar.ledger import Ledger
 from fedscalar.messages import GlobalUpdate, Message
 from fedscalar.params import ParamSpace
 from fedscalar.rundir import RunDir
@@ -64,7 +66,20 @@ class BackOff(Exception):
 
 
 class RunFailed(RuntimeError):
-    """The run stopped early; its folder holds everything up to the last good round."""
+    """The run stopped early; its folder holds everything up to the last good round.
+    ``code`` is the exit status the command line gives it (130/143 for a signal)."""
+
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+class Terminated(Exception):
+    """SIGTERM arrived: stop like Ctrl-C (exit status 143)."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated()
 
 
 class ShortRound(RuntimeError):
@@ -90,69 +105,12 @@ def _default_out(cfg: RunConfig) -> Path:
     return Path("runs") / f"{cfg.algorithm}-{cfg.task}-{stamp}"
 
 
-def ledger_header(cfg: RunConfig, space: ParamSpace) -> dict[str, Any]:
-    return {
-        "algorithm": cfg.algorithm,
-        "task": cfg.task,
-        "model": cfg.model,
-        "generator": directions.GENERATOR_ID,
-        "arithmetic": cfg.arithmetic,
-        "parameters": [[n, list(p.shape)] for n, p in zip(space.names, space.params, strict=True)],
-        "fingerprint": space.fingerprint(),
-        "num_parameters": space.numel,
-        "base_digest": space.digest(),
-        "local_steps": cfg.local_steps,
-        "perturbations": cfg.perturbations,
-        "hiso": {"beta": cfg.hiso_beta, "eps": cfg.hiso_eps, "update": cfg.hiso_curvature_update}
-        if cfg.algorithm == "hiso"
-        else None,
-    }
-
-
-BASE_COPY_LIMIT = 64 << 20
-"""Initial trainable weights up to this size (bytes, as float32) are copied into the run
-folder as ``base.safetensors``; larger ones (a full pretrained LLM) are rebuilt from their
-source on resume and export, and checked against the digest in the ledger header."""
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: cuda requested but torch sees no CUDA device")
     return torch.device(name)
-
-
-def header_arithmetic(rd: RunDir, cfg: RunConfig, header: dict[str, Any]) -> RunConfig:
-    """``cfg`` with the arithmetic the ledger was written with (a header without one is
-    ``v1``); refuses a ``config.toml`` that names another."""
-    written = header.get("arithmetic", "v1")
-    if written not in ARITHMETIC:
-        raise LedgerError(
-            f"{rd.ledger} uses update arithmetic {written!r}, which this fedscalar does not know "
-            f"({', '.join(ARITHMETIC)}); export or resume it with the version that wrote it"
-        )
-    stated = read_toml(rd.config).get("arithmetic") if rd.config.exists() else None
-    if stated is not None and stated != written:
-        raise LedgerError(
-            f"{rd.config} says arithmetic = {stated!r} but {rd.ledger} was written with "
-            f"{written!r}; the ledger decides: restore config.toml"
-        )
-    return cfg.model_copy(update={"arithmetic": written})
-
-
-def load_base(rd: RunDir, space: ParamSpace, header: dict[str, Any]) -> None:
-    """Put the run's initial weights into ``space`` (from the copy, or check the rebuild)."""
-    if header["fingerprint"] != space.fingerprint():
-        raise LedgerError(f"{rd.ledger} was written for a different model layout")
-    if rd.base.exists():
-        base, _ = RunDir.load_tensors(rd.base)
-        space.load_state_(base)
-    elif space.digest() != header["base_digest"]:
-        raise LedgerError(
-            f"the base model rebuilt for {rd.path} differs from the one the run started from "
-            "(its weights' digest changed)"
-        )
 
 
 def _resume_config(rd: RunDir, overrides: dict[str, Any]) -> RunConfig:
@@ -237,7 +195,33 @@ def execute(
 ) -> RunResult:
     """Run the resolved ``cfg`` in its folder ``cfg.out`` with the given runtime."""
     rd = RunDir(cfg.out or _default_out(cfg))
-    rd.path.mkdir(parents=True, exist_ok=True)
+    with rd.writing(), _sigterm_stops():
+        if not resume and rd.exists():
+            raise ConfigError(f"out: {rd.path} already holds a run; use --resume or another --out")
+        return _execute_locked(cfg, rd, resume, progress, runtime, from_round)
+
+
+@contextmanager
+def _sigterm_stops() -> Iterator[None]:
+    """While training, SIGTERM stops the run as Ctrl-C does (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _execute_locked(
+    cfg: RunConfig,
+    rd: RunDir,
+    resume: bool,
+    progress: bool,
+    runtime: RuntimeFactory | None,
+    from_round: int | None,
+) -> RunResult:
     handler = _setup_logging(rd)
     try:
         while True:
@@ -337,9 +321,19 @@ class _Run:
             raise ConfigError(str(e)) from None
         self.space = ParamSpace(model.to(resolve_device(cfg.device)))
         if resume:
-            self.ledger = Ledger.open(rd.ledger)
-            cfg = self.cfg = header_arithmetic(rd, cfg, self.ledger.header)
+            self.ledger = Ledger.open(rd.ledger)  # corruption stops here, nothing changed
+            cfg = self.cfg = check_header(rd, cfg, self.ledger.header)
             load_base(rd, self.space, self.ledger.header)
+            if self.ledger.torn_bytes:
+                torn = self.ledger.torn_bytes
+                self.ledger = Ledger.open(rd.ledger, repair=True)
+                log.warning(
+                    "%s: cut an incomplete last record (%d bytes after round %d), left by a "
+                    "crash while appending",
+                    rd.ledger,
+                    torn,
+                    len(self.ledger),
+                )
             rd.write_atomic(rd.config, cfg.to_toml())  # what a later --resume continues
         else:
             rd.write_atomic(rd.config, cfg.to_toml())
@@ -379,6 +373,14 @@ class _Run:
             last = from_round
         self.ledger.truncate(last)
         start = 0
+        # a checkpoint follows every evaluation's metrics line: one missing after that is lost
+        written = any("test_accuracy" in m and m["round"] > 0 for m in logged[:-1])
+        if not rd.checkpoint.exists() and cfg.algorithm not in REPLAYABLE and last and written:
+            raise ConfigError(
+                f"{rd.checkpoint} is missing: {cfg.algorithm} keeps its weights only there (its "
+                f"ledger records no updates), so rounds 1-{last} cannot be rebuilt; restore the "
+                "file, or start again from the base weights with --from-round 0"
+            )
         if rd.checkpoint.exists():
             tensors, meta = RunDir.load_tensors(rd.checkpoint)
             ck_round = int(meta["round"])
@@ -400,7 +402,7 @@ class _Run:
     def _check_rollback(self, target: int, last: int) -> None:
         if not 0 <= target <= last:
             raise ConfigError(f"from_round: the run holds rounds 0 to {last}, not {target}")
-        if self.cfg.algorithm not in REPLAYABLE and target != last:
+        if self.cfg.algorithm not in REPLAYABLE and target not in (0, last):
             ck = (
                 int(RunDir.load_tensors(self.rd.checkpoint)[1]["round"])
                 if self.rd.checkpoint.exists()
@@ -468,6 +470,12 @@ class _Run:
         tensors = {**self.server.state_tensors(), **self.client.state_tensors()}
         RunDir.save_tensors(self.rd.checkpoint, tensors, {"round": str(rnd)})
 
+    def _sync(self) -> None:
+        """Force the ledger and metrics to disk (at evaluations and at exit): a power loss
+        then costs at most the rounds since the last evaluation."""
+        self.ledger.sync()
+        RunDir.fsync(self.rd.metrics)
+
     # -- the loop -------------------------------------------------------------------------
     def _evaluate(self, rnd: int, record: dict[str, Any]) -> None:
         """Metrics on the evaluation subset; on the whole test split too at round 0 and at
@@ -508,6 +516,11 @@ class _Run:
             history = rd.truncate_metrics(start)
             next_lr = cfg.lr_at(start + 1)
             log.info("resumed at round %d (target %d, lr %g)", start, cfg.rounds, next_lr)
+            held = rd.checkpoint_round()
+            if start > 0 and (held is None or (start >= cfg.rounds and held != start)):
+                self._checkpoint(start)  # replayed from base + ledger: nothing else to train
+                what = "missing" if held is None else f"round-{held}"
+                log.warning("rebuilt the %s %s at round %d", what, rd.checkpoint.name, start)
         else:
             start, history = 0, []
             log.info("started %s on %s: %d parameters", cfg.algorithm, cfg.task, self.space.numel)
@@ -527,7 +540,7 @@ class _Run:
         up_total, down_total = last["bytes_up_cumulative"], last["bytes_down_cumulative"]
         wall0 = last["wall_seconds"]
         t0 = time.perf_counter()
-        status, error = "completed", None
+        status, error, code = "completed", None, 0
         bar = _progress(self.progress)
         try:
             with bar or nullcontext():
@@ -565,6 +578,7 @@ class _Run:
                     rd.append_metrics(record)
                     if evaluate:
                         self._checkpoint(rnd)
+                        self._sync()
                     history.append(record)
                     if evaluate:
                         self._check_divergence(history)
@@ -583,8 +597,16 @@ class _Run:
             status, error = "diverged", str(e)
         except ShortRound as e:
             status, error = ("diverged" if e.nonfinite else "short-round"), str(e)
-        except KeyboardInterrupt:
-            status, error = "interrupted", "interrupted by the user"
+        except (KeyboardInterrupt, Terminated) as e:
+            signalled = "SIGTERM" if isinstance(e, Terminated) else "SIGINT (Ctrl-C)"
+            code = 143 if isinstance(e, Terminated) else 130
+            status, error = "interrupted", f"interrupted by {signalled}"
+            log.warning(
+                "%s during round %d: that round was not recorded; --resume runs it again",
+                signalled,
+                history[-1]["round"] + 1,
+            )
+        self._sync()
         if status == "diverged":
             self._maybe_back_off(error or "diverged", history)
         summary = self._summary(history, status)
@@ -602,7 +624,8 @@ class _Run:
             raise RunFailed(
                 f"{error}. The run stopped after round {done}; ledger and metrics are intact. "
                 f"Continue{hint}: fedscalar run --resume --out {rd.path}{back}"
-                + (" --lr SMALLER" if status == "diverged" else "")
+                + (" --lr SMALLER" if status == "diverged" else ""),
+                code=code if status == "interrupted" else 1,
             )
         log.info("finished round %d", cfg.rounds)
         return RunResult(rd.path, summary)
@@ -630,6 +653,8 @@ class _Run:
         last = history[-1]
         contacts = max(1, rounds * cfg.sampled)
         trained = [h for h in history if h["round"] > 0]
+        evaluated = [h for h in history if "test_accuracy" in h]
+        ended = bool(evaluated) and evaluated[-1]["round"] == rounds
         return {
             "status": status,
             "algorithm": cfg.algorithm,
@@ -637,7 +662,9 @@ class _Run:
             "model": self.task.model_name,
             "rounds": rounds,
             "num_parameters": self.space.numel,
-            "final_test_accuracy": evals[-1] if evals else None,
+            "final_test_accuracy": evals[-1] if ended else None,
+            "last_evaluated_round": evaluated[-1]["round"] if evaluated else None,
+            "last_test_accuracy": evals[-1] if evals else None,
             "best_test_accuracy": max(evals) if evals else None,
             "final_test_loss": next(
                 (h["test_loss"] for h in reversed(history) if "test_loss" in h), None
