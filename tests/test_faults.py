@@ -301,3 +301,17 @@ def test_a_signal_stops_cleanly_and_resume_continues_bit_exactly(tmp_path, sig, 
     assert "that round was not recorded; --resume runs it again" in rd.log.read_text()
     assert _start(stopped, args, resume=True).wait() == 0
     _same_run(straight, stopped)
+
+
+def test_the_comparison_report_reads_run_folders_without_changing_them(tmp_path):
+    from fedscalar import compare as cmp
+    from fedscalar.report import write_report
+
+    comparison = cmp.plan(tmp_path, ["decomfl", "hiso"], [0], **SMALL, rounds=4)
+    cmp.execute(comparison, jobs=1, echo=lambda _: None, threads=1)
+    torn = cmp.run_folder(tmp_path, "decomfl", 0) / "ledger.bin"
+    torn.write_bytes(torn.read_bytes()[:-5])  # a crash while appending round 4
+    folders = [cmp.run_folder(tmp_path, a, 0) for a in ("decomfl", "hiso")]
+    before = [_snapshot(f) for f in folders]
+    write_report(comparison, "t")
+    assert [_snapshot(f) for f in folders] == before

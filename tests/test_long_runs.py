@@ -51,6 +51,17 @@ def test_a_comparison_killed_again_and_again_ends_as_if_never_stopped(tmp_path):
         keys = ("round", "train_loss", "test_accuracy", "bytes_up_cumulative")
         ma, mb = a.read_metrics(), b.read_metrics()
         assert [[m.get(k) for k in keys] for m in ma] == [[m.get(k) for k in keys] for m in mb]
+    same = ("algorithm", "runs", "final", "best", "to_target", "bytes_up", "bytes_down", "rounds")
+    shared = dict(task="digits", rounds=240, eval_every=50, clients=6, sampled=3)
+    tables = [
+        write_report(cmp.plan(x, ["decomfl", "hiso"], [0], **shared), "t")
+        for x in (straight, killed)
+    ]
+    (_, rows_a, target_a), (_, rows_b, target_b) = tables
+    assert target_a == target_b
+    assert [[getattr(r, k) for k in same] for r in rows_a] == [
+        [getattr(r, k) for k in same] for r in rows_b
+    ]
 
 
 def test_the_report_gives_rounds_and_hours(tmp_path):
