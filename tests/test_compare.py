@@ -2,6 +2,7 @@
 
 import csv
 import json
+import statistics
 
 import numpy as np
 import pytest
@@ -65,6 +66,10 @@ def test_same_federation_for_every_algorithm_and_measured_bytes(tmp_path):
     assert set(written) == set(algos)
     assert float(written["fedzo"]["bytes_up_per_client_round"]) == up["fedzo"]
     assert target is not None and all(r.to_target[0] is not None for r in rows)
+    # the default target: 90% of the way from round 0 to the worst final mean accuracy
+    start = statistics.mean(r.curves[0][0]["test_accuracy"] for r in rows)
+    worst = min(statistics.mean(r.final) for r in rows)
+    assert target == int((start + 0.9 * (worst - start)) * 100) / 100
 
 
 def test_rerun_resumes_unfinished_and_skips_finished(tmp_path):
@@ -199,3 +204,13 @@ def test_a_run_that_backed_off_keeps_its_smaller_steps_when_the_comparison_resum
     base = RunConfig(**FAST).resolved().lr
     assert lrs[:4] == [float(np.float32(base))] * 4
     assert lrs[4:] == [float(np.float32(base * 0.5))] * 8
+
+
+def test_the_command_prints_the_table_and_where_the_files_are(tmp_path):
+    args = ["compare", "--out", str(tmp_path), "--algorithms", "decomfl,hiso"]
+    args += ["--task", "digits", "--rounds", "4", "--eval-every", "2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "| decomfl |" in result.output and "| hiso |" in result.output
+    assert "![" not in result.output  # no markdown image line on a terminal
+    assert str(tmp_path / "comparison.png") in result.output

@@ -117,6 +117,22 @@ def test_flower_runtime_matches_the_local_simulator(tmp_path, algorithm):
 
 
 @pytest.mark.usefixtures("server_identity")
+def test_attackers_on_flower_stay_in_step_like_honest_nodes(tmp_path):
+    """An attacker's node reports its model's true round: nobody is replayed from round 0."""
+    cfg = RunConfig(
+        algorithm="decomfl", rounds=8, attack="sign-flip", attackers=1, aggregator="median", **SMALL
+    )
+    run(cfg.model_copy(update={"out": str(tmp_path / "local")}))
+    grid = FakeGrid(4)
+    out = tmp_path / "flower"
+    _run_on(grid, cfg.model_copy(update={"out": str(out), "runtime": "flower"}))
+    _same_run(tmp_path / "local", out)
+    assert sum(1 for kind, _ in grid.sent if kind == "train") == 8 * 2
+    local, flower = RunDir(tmp_path / "local").read_metrics(), RunDir(out).read_metrics()
+    assert [m["bytes_down"] for m in flower] == [m["bytes_down"] for m in local]
+
+
+@pytest.mark.usefixtures("server_identity")
 @pytest.mark.parametrize("lose_snapshots", [False, True])
 def test_nodes_snapshot_their_model_and_replay_a_short_tail(tmp_path, monkeypatch, lose_snapshots):
     monkeypatch.setattr(client, "SNAPSHOT_EVERY", 3)

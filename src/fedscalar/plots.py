@@ -22,10 +22,12 @@ def plot_curves(runs: dict[str, list[dict[str, Any]]], path: Path, title: str = 
         acc = [h["test_accuracy"] for h in evals]
         traffic = [h["bytes_up_cumulative"] + h["bytes_down_cumulative"] for h in evals]
         ax_r.plot(rounds, acc, marker=".", label=label)
-        pos = [(b, a) for b, a in zip(traffic, acc, strict=True) if b > 0]
-        if pos:
-            ax_b.plot(*zip(*pos, strict=True), marker=".", label=label)
-    _finish(fig, ax_r, ax_b, title, "total bytes exchanged (up + down, all clients)", path, 110)
+        if any(traffic):
+            ax_b.plot(traffic, acc, marker=".", label=label)
+    start = [h["test_accuracy"] for r in runs.values() for h in r[:1] if "test_accuracy" in h]
+    _finish(
+        fig, ax_r, ax_b, title, "total bytes exchanged (up + down, all clients)", path, 110, start
+    )
 
 
 def plot_comparison(
@@ -47,18 +49,28 @@ def plot_comparison(
         mean, std = acc.mean(axis=0), acc.std(axis=0)
         (line,) = ax_r.plot(rounds, mean, label=label)
         ax_r.fill_between(rounds, mean - std, mean + std, color=line.get_color(), alpha=0.15)
-        keep = traffic > 0
-        if keep.any():
-            ax_b.plot(traffic[keep], mean[keep], color=line.get_color(), label=label)
-    _finish(fig, ax_r, ax_b, title, "cumulative bytes, up + down, all clients (log)", path, 72)
+        if traffic.any():  # MeZO sends nothing: no curve against bytes
+            ax_b.plot(traffic, mean, color=line.get_color(), label=label)
+    start = [c[0]["test_accuracy"] for runs in curves.values() for c in runs if c]
+    _finish(fig, ax_r, ax_b, title, "cumulative bytes, up + down, all clients", path, 72, start)
 
 
-def _finish(fig, ax_r, ax_b, title: str, bytes_label: str, path: Path, dpi: int) -> None:
-    """Labels, log bytes axis, grids and legends of the two panels; save and close."""
+def _finish(
+    fig, ax_r, ax_b, title: str, bytes_label: str, path: Path, dpi: int, start: list[float]
+) -> None:
+    """Labels, a 0-1 accuracy axis with round 0's accuracy marked, a log bytes axis that
+    still shows round 0 (0 bytes: linear below the smallest positive count), grids and
+    legends; save and close."""
     ax_r.set(xlabel="round", ylabel="test accuracy", title=title)
-    ax_b.set(xlabel=bytes_label, ylabel="test accuracy", xscale="log", title=title)
-    ax_b.xaxis.set_minor_formatter(NullFormatter())  # decade labels only: no overlaps
+    ax_b.set(xlabel=bytes_label + " (log; 0 at left)", ylabel="test accuracy", title=title)
+    positive = [x for line in ax_b.get_lines() for x in line.get_xdata() if x > 0]
+    if positive:
+        ax_b.set_xscale("symlog", linthresh=min(positive), linscale=0.3)
+        ax_b.xaxis.set_minor_formatter(NullFormatter())  # decade labels only: no overlaps
     for ax in (ax_r, ax_b):
+        ax.set_ylim(0.0, 1.0)
+        if start:
+            ax.axhline(float(np.mean(start)), color="grey", ls=":", lw=1, label="round 0")
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)

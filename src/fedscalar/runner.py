@@ -290,6 +290,18 @@ def partition_digest(parts: list[Any]) -> str:
     return h.hexdigest()[:16]
 
 
+def contributors(record: dict[str, Any]) -> list[int]:
+    """The clients whose replies a round's metrics record says were aggregated. Records
+    written before the field existed name only the sampled clients: all of them when every
+    one replied, otherwise none (the server then sends a longer catch-up than needed, which
+    clients skip; never a shorter one)."""
+    if "contributors" in record:
+        return list(record["contributors"])
+    complete = record.get("train_loss") is not None and record.get("rejected", 0) == 0
+    clients = record.get("clients", [])
+    return list(clients) if complete and record.get("replies") == len(clients) else []
+
+
 def round_clients(cfg: RunConfig, rnd: int) -> list[int]:
     """The clients of round ``rnd``: the same for every algorithm but MeZO (one party)."""
     if cfg.algorithm == "mezo":
@@ -313,16 +325,31 @@ class _Run:
         runtime: RuntimeFactory | None = None,
     ):
         self.cfg, self.rd, self.progress = cfg, rd, progress
+        self._said: list[str] = []  # into run.log once the folder has passed its checks
+        if resume:  # a corrupted or disagreeing folder stops here, nothing written
+            self.ledger = Ledger.open(rd.ledger)
+            cfg = self.cfg = check_header(rd, cfg, self.ledger.header)
         try:
+            self._say(f"loading data: {cfg.describe_data()}")
             self.task = build_task(cfg)
             self.parts = client_partitions(cfg, self.task)
+            sizes = [len(p) for p in self.parts]
+            split = "iid" if cfg.partition == "iid" else f"dirichlet(alpha={cfg.alpha:g})"
+            self._say(
+                f"partition: {split} over {len(sizes)} "
+                f"{'party' if len(sizes) == 1 else 'clients'}, {min(sizes)}-{max(sizes)} "
+                f"training examples each; {self.task.eval_size()} test examples evaluated"
+            )
+            self._say(f"loading model: {self.task.model_name}")
             model = self.task.build_model(cfg.seed)
         except (ValueError, MissingPackage) as e:
             raise ConfigError(str(e)) from None
         self.space = ParamSpace(model.to(resolve_device(cfg.device)))
+        self._say(
+            f"{cfg.algorithm}: {self.space.numel:,} trained parameters on {cfg.device}, "
+            f"{cfg.rounds} rounds, {cfg.sampled} of {cfg.clients} clients per round"
+        )
         if resume:
-            self.ledger = Ledger.open(rd.ledger)  # corruption stops here, nothing changed
-            cfg = self.cfg = check_header(rd, cfg, self.ledger.header)
             load_base(rd, self.space, self.ledger.header)
             if self.ledger.torn_bytes:
                 torn = self.ledger.torn_bytes
@@ -353,6 +380,18 @@ class _Run:
 
     def client_data(self, cid: int) -> ClientData:
         return client_data(self.cfg, self.task, self.parts[cid], cid)
+
+    def _log_said(self) -> None:
+        """The start-up lines into run.log, once the folder has passed every check (a
+        refused resume leaves the folder as it was)."""
+        for message in self._said:
+            log.info(message)
+
+    def _say(self, message: str) -> None:
+        """A start-up step: on the terminal when progress is shown, and into run.log."""
+        self._said.append(message)
+        if self.progress:
+            print(message, file=sys.stderr, flush=True)
 
     # -- restoring state ------------------------------------------------------------------
     def _restore(self, from_round: int | None = None) -> int:
@@ -394,9 +433,9 @@ class _Run:
             start = len(self.ledger)
         else:
             self.ledger.truncate(start)
-        for rnd in range(1, start + 1):
-            for cid in round_clients(cfg, rnd):
-                self.server.mark_synced(cid, rnd - 1)
+        for record in logged:
+            if 1 <= record["round"] <= start:
+                self.server.note_contributors(record["round"], contributors(record))
         return start
 
     def _check_rollback(self, target: int, last: int) -> None:
@@ -416,7 +455,7 @@ class _Run:
 
     def _exchange(
         self, rnd: int, lr: float, seeds: tuple[int, ...], clients: list[int]
-    ) -> tuple[GlobalUpdate, float | None, dict[str, int]]:
+    ) -> tuple[GlobalUpdate, float | None, dict[str, Any]]:
         """One round: gather valid replies (retrying the missing ones), then aggregate.
 
         A reply that is missing, malformed, oversized, stale, of the wrong shape or
@@ -458,12 +497,12 @@ class _Run:
         counts.update(replies=len(valid), rejected=len(problems))
         if len(valid) >= cfg.min_replies:
             update, loss = self.server.aggregate(rnd, lr, seeds, valid)
-            return update, loss, counts
+            return update, loss, {**counts, "contributors": sorted(valid)}
         why = "; ".join(f"client {c}: {e}" for c, e in sorted(problems.items()))
         short = f"round {rnd}: {len(valid)} valid replies, {cfg.min_replies} needed ({why})"
         if cfg.short_round == "skip":
             log.warning("%s; skipped (recorded as a no-op update)", short)
-            return self.server.skip(rnd, seeds), None, counts
+            return self.server.skip(rnd, seeds), None, {**counts, "contributors": []}
         raise ShortRound(short, nonfinite=all(e.nonfinite for e in problems.values()))
 
     def _checkpoint(self, rnd: int) -> None:
@@ -513,6 +552,7 @@ class _Run:
         self.best_round: int | None = None
         if self.resume:
             start = self._restore(from_round)
+            self._log_said()
             history = rd.truncate_metrics(start)
             next_lr = cfg.lr_at(start + 1)
             log.info("resumed at round %d (target %d, lr %g)", start, cfg.rounds, next_lr)
@@ -522,6 +562,7 @@ class _Run:
                 what = "missing" if held is None else f"round-{held}"
                 log.warning("rebuilt the %s %s at round %d", what, rd.checkpoint.name, start)
         else:
+            self._log_said()
             start, history = 0, []
             log.info("started %s on %s: %d parameters", cfg.algorithm, cfg.task, self.space.numel)
         if not history:
@@ -734,6 +775,6 @@ def _plot(rd: RunDir, history: list[dict[str, Any]], cfg: RunConfig) -> None:
     from fedscalar.plots import plot_curves
 
     try:
-        plot_curves({cfg.algorithm: history}, rd.curves, title=f"{cfg.task}")
+        plot_curves({cfg.algorithm: history}, rd.curves, title=cfg.describe_data())
     except Exception as e:  # a plot must never cost the run its results
         log.warning("could not draw %s: %s", rd.curves, e)

@@ -14,14 +14,17 @@ are the weight change (a quantised one is re-quantised after the attack).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
+import torch
 
 from fedscalar import schedule
 from fedscalar.algorithms.base import Client, ClientData
 from fedscalar.algorithms.compression import QSGD, dense
 from fedscalar.messages import (
     DeltaReply,
+    GlobalUpdate,
     Message,
     QuantizedDeltaReply,
     ScalarReply,
@@ -66,6 +69,24 @@ class ByzantineClient(Client):
 
     def load_state_tensors(self, tensors) -> None:
         self.inner.load_state_tensors(tensors)
+
+    # the replica is the wrapped client's: an attacker is as up to date as it is honest
+    @property
+    def replicates(self) -> bool:
+        return self.inner.replicates
+
+    @property
+    def round(self) -> int:
+        return self.inner.round
+
+    def replay(self, updates: Sequence[GlobalUpdate]) -> None:
+        self.inner.replay(updates)
+
+    def replica_tensors(self) -> dict[str, torch.Tensor]:
+        return self.inner.replica_tensors()
+
+    def load_replica(self, tensors: dict[str, torch.Tensor], rnd: int) -> None:
+        self.inner.load_replica(tensors, rnd)
 
     def handle(self, messages: list[Message], data: ClientData) -> Message:
         reply = self.inner.handle(messages, data)

@@ -9,7 +9,7 @@ replies back to the `Server`, which aggregates them into one `GlobalUpdate`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,7 +112,14 @@ class Server(ABC):
         """Number of global updates applied to the state."""
 
     def mark_synced(self, client_id: int, rounds: int) -> None:  # noqa: B027
-        """Record that ``client_id`` holds the state after ``rounds`` (used on resume)."""
+        """Record that ``client_id`` holds the state after ``rounds`` (a node said so)."""
+
+    def note_contributors(self, rnd: int, clients: Sequence[int]) -> None:
+        """Round ``rnd`` aggregated the replies of ``clients``: they now hold the state
+        before it (they drop their local progress). The one rule for what a client holds,
+        applied as a round completes and again, from the metrics, on resume."""
+        for cid in clients:
+            self.mark_synced(cid, rnd - 1)
 
 
 class Client(ABC):
@@ -128,6 +135,31 @@ class Client(ABC):
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:  # noqa: B027
         """Restore what `state_tensors` returned (other keys are ignored)."""
+
+    # -- a replica of the global model, kept in step by replaying global updates ---------
+    # (scalar-only methods; a client sent whole weights every round has none)
+
+    @property
+    def replicates(self) -> bool:
+        """Whether this client keeps a replica that `replay` brings up to date."""
+        return False
+
+    @property
+    def round(self) -> int:
+        """Global updates applied to the replica (0 for a client without one)."""
+        return 0
+
+    def replay(self, updates: Sequence[GlobalUpdate]) -> None:
+        """Apply the global updates after `round` (those already applied are skipped)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no replica")
+
+    def replica_tensors(self) -> dict[str, torch.Tensor]:
+        """The replica's weights and algorithm state, as of `round` (a node's snapshot)."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no replica")
+
+    def load_replica(self, tensors: dict[str, torch.Tensor], rnd: int) -> None:
+        """Restore what `replica_tensors` returned, as of round ``rnd``."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no replica")
 
 
 def check_finite(what: str, rnd: int, *values: float) -> None:

@@ -8,6 +8,7 @@ hold bit-identical weights (and, for HiSo, the same curvature vector H).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -181,11 +182,28 @@ class ZOClient(Client):
     def __init__(self, algo: ZOAlgorithm, state: ZOState):
         self.algo, self.state = algo, state
 
-    def catch_up(self, msg: CatchUp) -> None:
-        """Replay the missed global updates (those already applied are skipped)."""
-        for update in msg.updates:
+    @property
+    def replicates(self) -> bool:
+        return True
+
+    @property
+    def round(self) -> int:
+        return self.state.round
+
+    def replay(self, updates: Sequence[GlobalUpdate]) -> None:
+        for update in updates:
             if update.round > self.state.round:  # a shared state may be ahead already
                 self.algo.apply(self.state, update)
+
+    def replica_tensors(self) -> dict[str, torch.Tensor]:
+        return self.state.tensors()
+
+    def load_replica(self, tensors: dict[str, torch.Tensor], rnd: int) -> None:
+        self.state.load_tensors(tensors, rnd)
+
+    def catch_up(self, msg: CatchUp) -> None:
+        """Replay the missed global updates (those already applied are skipped)."""
+        self.replay(msg.updates)
 
     def load_state(self, msg: StateMessage) -> None:
         """Adopt the global state the server sent instead of a replay."""
@@ -234,8 +252,7 @@ class ReplayServer(Server):
         """Apply a round's update; its clients now hold the state before it (they discard
         their local progress). Raises `Diverged` if the weights became non-finite."""
         self.apply(update)
-        for cid in clients:
-            self.synced[cid] = update.round - 1
+        self.note_contributors(update.round, clients)
         check_finite(
             "the updated weights",
             update.round,

@@ -58,6 +58,9 @@ class ArrayTask(Task):
         device = next(model.parameters()).device
         return F.cross_entropy(model(x.to(device)), y.to(device))
 
+    def eval_size(self) -> int:
+        return len(self.y_test)
+
     @torch.no_grad()
     def evaluate(self, model: nn.Module) -> dict[str, float]:
         device = next(model.parameters()).device
@@ -82,6 +85,3 @@ def mnist(model_name: str) -> ArrayTask:
 
     x, y = mnist_data()
     return ArrayTask("mnist", x / 255.0, y, 28, model_name)
-
-    def eval_size(self) -> int:
-        return len(self.y_test)

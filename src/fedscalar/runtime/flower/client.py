@@ -23,7 +23,7 @@ from typing import Any
 from flwr.app import ConfigRecord, Context, Message
 
 from fedscalar.algorithms import Client, make_client
-from fedscalar.algorithms.zo import ProtocolError, ZOClient
+from fedscalar.algorithms.zo import ProtocolError
 from fedscalar.config import RunConfig, build_config_text
 from fedscalar.messages import (
     CatchUp,
@@ -58,7 +58,7 @@ class Session:
     @property
     def round(self) -> int:
         """Rounds applied to this process's model (FedAvg nodes get weights every round)."""
-        return self.client.state.round if isinstance(self.client, ZOClient) else 0
+        return self.client.round
 
 
 _SESSIONS: dict[str, Session] = {}
@@ -113,21 +113,21 @@ def _session(context: Context, run: str, toml: str | None) -> Session | None:
         _remember(context, memory, [])
         return session
     client, snap = session.client, int(memory.get("snapshot", 0))
-    if isinstance(client, ZOClient):
-        if client.state.round < snap:
+    if client.replicates:
+        if client.round < snap:
             path = _snapshot_path(context, run)
             try:
                 tensors, meta = RunDir.load_tensors(path)
                 if int(meta["round"]) != snap:
                     raise ValueError(f"it holds round {meta['round']}, not {snap}")
-                client.state.load_tensors(tensors, snap)
+                client.load_replica(tensors, snap)
             except Exception as e:  # unreadable: forget it; the server resends what is missing
                 log.warning("node snapshot %s unusable (%s); asking the server", path, e)
                 _remember(context, {"run": run, "config": toml, "snapshot": 0}, [])
                 return session
         history = _history(memory)
-        if history and client.state.round < history[-1].round:
-            client.catch_up(CatchUp(tuple(history)))
+        if history and client.round < history[-1].round:
+            client.replay(history)
     return session
 
 
@@ -143,14 +143,10 @@ def _note_applied(context: Context, session: Session, messages: list[Any]) -> No
                     history.append(update)
                     applied += 1
     client = session.client
-    if (
-        isinstance(client, ZOClient)
-        and len(history) >= SNAPSHOT_EVERY
-        and client.state.round == applied
-    ):
+    if client.replicates and len(history) >= SNAPSHOT_EVERY and client.round == applied:
         path = _snapshot_path(context, str(memory["run"]))
         path.parent.mkdir(parents=True, exist_ok=True)
-        RunDir.save_tensors(path, client.state.tensors(), {"round": str(applied)})
+        RunDir.save_tensors(path, client.replica_tensors(), {"round": str(applied)})
         memory["snapshot"], history = applied, []
     _remember(context, memory, history)
 
