@@ -24,12 +24,12 @@ demo: $(STAMP)
 	$(BIN)/fedscalar run
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks
-	$(BIN)/ruff format --check src tests benchmarks
+	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff format --check src tests benchmarks examples
 
 # offline SmolLM2-135M (GGUF) and all-MiniLM-L6-v2 weights, about 170 MB
 assets: $(STAMP)

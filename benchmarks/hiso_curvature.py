@@ -53,8 +53,8 @@ def simulate(d: int, p: int, rounds: int, beta: float, kind: str, seed: int = 0)
 def trained(run: Path, batches: int) -> None:
 
     from fedscalar.config import build_config
+    from fedscalar.federation import client_data, client_partitions
     from fedscalar.rundir import RunDir
-    from fedscalar.runner import client_data, client_partitions
     from fedscalar.tasks import build_task
 
     rd = RunDir(run)

@@ -183,7 +183,8 @@ def test_fedkseed_pro_probabilities_by_hand():
 
 
 def test_mezo_is_one_party_on_the_pooled_data(tmp_path):
-    from fedscalar.runner import batch_size, client_partitions, run
+    from fedscalar.federation import batch_size, client_partitions
+    from fedscalar.runner import run
     from fedscalar.tasks import build_task
 
     cfg = RunConfig(algorithm="mezo", rounds=6, eval_every=3, out=str(tmp_path / "m"))

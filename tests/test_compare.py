@@ -125,7 +125,7 @@ def test_rerun_resumes_unfinished_and_skips_finished(tmp_path):
         (["--algorithms", "decomfl,decomfl"], "listed twice"),
         (["--algorithms", "decomfl", "--seeds", "0,x"], "seeds"),
         (["--algorithms", "decomfl,mezo", "--attack", "gaussian", "--attackers", "2"], "mezo"),
-        (["--algorithms", "fedkseed", "--aggregator", "median"], "only mean applies"),
+        (["--algorithms", "fedkseed", "--aggregator", "median"], "fedkseed takes mean only"),
         (["--algorithms", "decomfl", "--attackers", "2"], "--attack"),
         (["--algorithms", "fedavg", "--sampled", "20"], "sampled"),
         (["--algorithms", "decomfl", "--aggregator", "mode"], "aggregator"),

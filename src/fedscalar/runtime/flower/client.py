@@ -25,6 +25,7 @@ from flwr.app import ConfigRecord, Context, Message
 from fedscalar.algorithms import Client, make_client
 from fedscalar.algorithms.zo import ProtocolError
 from fedscalar.config import RunConfig, build_config_text
+from fedscalar.federation import client_data, client_partitions, resolve_device
 from fedscalar.messages import (
     CatchUp,
     GlobalUpdate,
@@ -35,7 +36,6 @@ from fedscalar.messages import (
 )
 from fedscalar.params import ParamSpace
 from fedscalar.rundir import RunDir
-from fedscalar.runner import client_data, client_partitions, resolve_device
 from fedscalar.runtime.flower.protocol import RECORD, pack, unpack
 from fedscalar.tasks import build_task
 from fedscalar.tasks.hf import cache_dir
