@@ -96,3 +96,65 @@ def test_size_helpers_match_real_encodings():
     for h in (None, np.ones(11, np.float32)):
         msg = StateMessage(1, np.zeros(11, np.float32), h)
         assert state_size(11, h is not None) == len(encode(msg))
+
+
+def test_each_class_has_the_layout_protocol_md_specifies():
+    """Tag, name and fixed header of every message, read from docs/protocol.md section 5."""
+    import re
+    import struct
+    from pathlib import Path
+
+    from fedscalar import messages
+
+    spec = (Path(__file__).parents[1] / "docs" / "protocol.md").read_text()
+    section = spec.split("## 5. Messages", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| (\d+) \| `(\w+)` \| [^|]+ \| `([^`]+)`", section, re.MULTILINE)
+    assert len(rows) == len(messages._BY_TAG) == 12
+    width = {"u8": 1, "u32": 4, "f32": 4}
+    for tag, name, layout in rows:
+        cls = messages._BY_TAG[int(tag)]
+        assert cls.__name__ == name
+        fixed = 0
+        for field in layout.split(","):
+            kind, *rest = field.split()
+            if kind not in width or (rest and rest[0] == "x"):
+                break
+            fixed += width[kind]
+        body = struct.calcsize(cls.BODY) if hasattr(cls, "BODY") else 0
+        assert fixed == 1 + struct.calcsize(cls.HEAD) + body, name
+
+
+def test_a_plugin_message_type_encodes_once_registered():
+    import struct
+    from dataclasses import dataclass
+    from typing import ClassVar
+
+    from fedscalar.messages import register_message
+
+    @dataclass(frozen=True)
+    class Vote:
+        TAG: ClassVar[int] = 200
+        HEAD: ClassVar[str] = "<Ib"
+        round: int
+        sign: int
+
+        def _write(self) -> bytes:
+            return struct.pack(self.HEAD, self.round, self.sign)
+
+        @classmethod
+        def _read(cls, r):
+            return cls(*r.unpack(cls.HEAD, "header"))
+
+    with pytest.raises(TypeError, match="not a message"):
+        encode(Vote(3, -1))
+    register_message(Vote)
+    assert decode(encode(Vote(3, -1))) == Vote(3, -1) and len(encode(Vote(3, -1))) == 6
+    with pytest.raises(MessageError, match="trailing"):
+        decode(encode(Vote(3, -1)) + b"\0")
+
+    @dataclass(frozen=True)
+    class Clash:
+        TAG: ClassVar[int] = 2  # ScalarReply's
+
+    with pytest.raises(ValueError, match="ScalarReply's"):
+        register_message(Clash)

@@ -1,32 +1,22 @@
 """Typed protocol messages and their one binary encoding (little endian).
 
-Byte counts reported anywhere in fedscalar are ``len(encode(message))`` of the real
-messages a run exchanged. Decoding checks every length and value range and raises
-`MessageError` naming the problem, so malformed input from the network never reaches an
-algorithm.
+Each message class owns its layout: ``HEAD`` (the struct format after the tag byte),
+``_write`` (its bytes after the tag) and ``_read`` (the inverse, checking every length
+and range); sizes quoted anywhere derive from them. Byte counts reported anywhere in
+fedscalar are ``len(encode(message))`` of the real messages a run exchanged. A plug-in
+may add a message type with `register_message` (a tag not taken). Decoding checks every
+length and value range and raises `MessageError` naming the problem, so malformed input
+from the network never reaches an algorithm.
 
-Layouts (``u8``/``u32`` unsigned ints, ``f32`` IEEE floats):
-
-- `TrainRequest`   ``u8 tag, u32 round, f32 lr, u8 K, K*u32 seeds``         (14 B for K=1)
-- `ScalarReply`    ``u8 tag, u32 round, u8 K, u8 P, f32 loss, K*P*f32``     (31 B for K=1, P=5)
-- `GlobalUpdate`   ``u8 tag, u32 round, u8 K, u8 P, f32 lr, K*u32, K*P*f32`` (35 B for K=1, P=5)
-- `CatchUp`        ``u8 tag, u32 first_round, u32 count, u8 K, u8 P`` then per round
-                   ``f32 lr, K*u32 seeds, K*P*f32 scalars``                 (11 + 28/round)
-- `StateMessage`   ``u8 tag, u32 round, u32 n, u8 has_h, n*f32 weights[, n*f32 H]``
-- `WeightsMessage` ``u8 tag, u32 round, f32 lr, u32 n, n*f32``
-- `DeltaReply`     ``u8 tag, u32 round, f32 loss, u32 n, n*f32``
-- `SparseDeltaReply` ``u8 tag, u32 round, f32 loss, u32 n, u32 c, c*u32 index, c*f32``
-- `QuantizedDeltaReply` ``u8 tag, u32 round, f32 loss, u32 n, u8 bits, f32 scale,``
-                   ``ceil(n*bits/8)`` bytes of codes (``bits`` per value, LSB first)
-- `SeedReply`      ``u8 tag, u32 round, f32 loss, u8 K, u8 P, K*u32 index, K*P*f32``
-- `SeedSync`       ``u8 tag, u32 round, u32 c, c*u32 key, c*f32``  (9 + 8 per changed key)
-- `SeedProbabilities` ``u8 tag, u32 round, u32 n, n*f32``
+The layouts, with their sizes for the common shapes, are specified in
+docs/protocol.md section 5 (``tests/test_messages.py`` holds each class to it).
 """
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -38,70 +28,225 @@ class MessageError(ValueError):
 _U32_MAX = 0xFFFFFFFF
 
 
-def _f32(values, shape: tuple[int, ...]) -> np.ndarray:
-    arr = np.asarray(values, dtype=np.float32)
-    if arr.shape != shape:
-        raise MessageError(f"expected scalars of shape {shape}, got {arr.shape}")
-    return arr
+class _Reader:
+    def __init__(self, data: bytes):
+        self.data = memoryview(data)
+        self.pos = 0
+
+    def left(self) -> int:
+        return len(self.data) - self.pos
+
+    def take(self, n: int, what: str) -> memoryview:
+        if self.pos + n > len(self.data):
+            raise MessageError(f"truncated message: {what} needs {n} bytes, {self.left()} left")
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def unpack(self, fmt: str, what: str) -> tuple:
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))
+
+    def f32(self, count: int, what: str) -> np.ndarray:
+        return np.frombuffer(self.take(4 * count, what), dtype="<f4").astype(np.float32)
+
+    def u32(self, count: int, what: str) -> tuple[int, ...]:
+        return tuple(int(v) for v in np.frombuffer(self.take(4 * count, what), dtype="<u4"))
+
+    def u32_array(self, count: int, what: str) -> np.ndarray:
+        return np.frombuffer(self.take(4 * count, what), dtype="<u4").astype(np.uint32)
+
+    def done(self) -> None:
+        if self.pos != len(self.data):
+            raise MessageError(f"{self.left()} trailing bytes after the message")
+
+
+def _check_u32(name: str, v: int) -> None:
+    if not 0 <= v <= _U32_MAX:
+        raise MessageError(f"{name}={v} does not fit in u32")
+
+
+def _check_kp(k: int, p: int) -> None:
+    if not (0 <= k <= 255 and 0 <= p <= 255):
+        raise MessageError(f"K={k} and P={p} must each be at most 255")
+
+
+def _f32(values: Any) -> bytes:
+    return np.ascontiguousarray(values, dtype="<f4").reshape(-1).tobytes()
+
+
+def _u32(values: Any, name: str) -> bytes:
+    for v in np.asarray(values).reshape(-1):
+        _check_u32(name, int(v))
+    return np.asarray(values, dtype="<u4").reshape(-1).tobytes()
+
+
+def _head_size(cls: type) -> int:
+    """Tag byte plus the class's fixed header."""
+    return 1 + struct.calcsize(cls.HEAD)
 
 
 @dataclass(frozen=True)
 class TrainRequest:
     """Server -> client: train at ``round`` with these local-step seeds and lr."""
 
-    TAG = 1
+    TAG: ClassVar[int] = 1
+    HEAD: ClassVar[str] = "<IfB"
     round: int
     lr: float
     seeds: tuple[int, ...]
+
+    def _write(self) -> bytes:
+        _check_u32("round", self.round)
+        _check_kp(len(self.seeds), 0)
+        head = struct.pack(self.HEAD, self.round, self.lr, len(self.seeds))
+        return head + _u32(self.seeds, "seed")
+
+    @classmethod
+    def _read(cls, r: _Reader) -> TrainRequest:
+        rnd, lr, k = r.unpack(cls.HEAD, "header")
+        return cls(rnd, lr, r.u32(k, "seeds"))
 
 
 @dataclass(frozen=True)
 class ScalarReply:
     """Client -> server: K x P directional derivatives and the loss at the start point."""
 
-    TAG = 2
+    TAG: ClassVar[int] = 2
+    HEAD: ClassVar[str] = "<IBBf"
     round: int
     loss: float
     scalars: np.ndarray  # float32, shape (K, P)
+
+    def _write(self) -> bytes:
+        k, p = self.scalars.shape
+        _check_kp(k, p)
+        _check_u32("round", self.round)
+        return struct.pack(self.HEAD, self.round, k, p, self.loss) + _f32(self.scalars)
+
+    @classmethod
+    def _read(cls, r: _Reader) -> ScalarReply:
+        rnd, k, p, loss = r.unpack(cls.HEAD, "header")
+        return cls(rnd, loss, r.f32(k * p, "scalars").reshape(k, p))
 
 
 @dataclass(frozen=True)
 class GlobalUpdate:
     """One round's agreed update: the ledger entry, and the unit of catch-up."""
 
-    TAG = 3
+    TAG: ClassVar[int] = 3
+    HEAD: ClassVar[str] = "<IBB"
+    BODY: ClassVar[str] = "<f"  # then K seeds (u32) and K x P scalars (f32)
     round: int
     lr: float
     seeds: tuple[int, ...]
     scalars: np.ndarray  # float32, shape (K, P)
+
+    @classmethod
+    def body_size(cls, k: int, p: int) -> int:
+        """Bytes of one update without its round (a catch-up's per-round entry)."""
+        return struct.calcsize(cls.BODY) + 4 * k + 4 * k * p
+
+    def _body(self) -> bytes:
+        return struct.pack(self.BODY, self.lr) + _u32(self.seeds, "seed") + _f32(self.scalars)
+
+    @classmethod
+    def _read_body(cls, r: _Reader, rnd: int, k: int, p: int) -> GlobalUpdate:
+        (lr,) = r.unpack(cls.BODY, "lr")
+        seeds = r.u32(k, "seeds")
+        return cls(rnd, lr, seeds, r.f32(k * p, "scalars").reshape(k, p))
+
+    def _write(self) -> bytes:
+        k, p = self.scalars.shape
+        _check_kp(k, p)
+        _check_u32("round", self.round)
+        if len(self.seeds) != k:
+            raise MessageError(f"{len(self.seeds)} seeds for K={k} local steps")
+        return struct.pack(self.HEAD, self.round, k, p) + self._body()
+
+    @classmethod
+    def _read(cls, r: _Reader) -> GlobalUpdate:
+        rnd, k, p = r.unpack(cls.HEAD, "header")
+        return cls._read_body(r, rnd, k, p)
 
 
 @dataclass(frozen=True)
 class CatchUp:
     """Server -> client: the global updates of consecutive rounds the client has missed."""
 
-    TAG = 4
+    TAG: ClassVar[int] = 4
+    HEAD: ClassVar[str] = "<IIBB"
     updates: tuple[GlobalUpdate, ...]
+
+    @classmethod
+    def size(cls, rounds: int, k: int, p: int) -> int:
+        return _head_size(cls) + rounds * GlobalUpdate.body_size(k, p)
+
+    def _write(self) -> bytes:
+        if not self.updates:
+            raise MessageError("empty catch-up")
+        k, p = self.updates[0].scalars.shape
+        _check_kp(k, p)
+        first = self.updates[0].round
+        parts = [struct.pack(self.HEAD, first, len(self.updates), k, p)]
+        for i, u in enumerate(self.updates):
+            if u.round != first + i or u.scalars.shape != (k, p) or len(u.seeds) != k:
+                raise MessageError("catch-up updates must be consecutive rounds of one shape")
+            parts.append(u._body())
+        return b"".join(parts)
+
+    @classmethod
+    def _read(cls, r: _Reader) -> CatchUp:
+        first, count, k, p = r.unpack(cls.HEAD, "header")
+        if count == 0:
+            raise MessageError("empty catch-up")
+        need = count * GlobalUpdate.body_size(k, p)
+        if need != r.left():
+            raise MessageError(f"catch-up of {count} rounds needs {need} bytes, got {r.left()}")
+        return cls(tuple(GlobalUpdate._read_body(r, first + i, k, p) for i in range(count)))
 
 
 @dataclass(frozen=True)
 class WeightsMessage:
     """Server -> client (first-order baselines): the full global weight vector."""
 
-    TAG = 5
+    TAG: ClassVar[int] = 5
+    HEAD: ClassVar[str] = "<IfI"
     round: int
     lr: float
     values: np.ndarray  # float32, shape (n,)
+
+    def _write(self) -> bytes:
+        values = _f32(self.values)
+        return struct.pack(self.HEAD, self.round, self.lr, len(values) // 4) + values
+
+    @classmethod
+    def _read(cls, r: _Reader) -> WeightsMessage:
+        rnd, lr, n = r.unpack(cls.HEAD, "header")
+        return cls(rnd, lr, r.f32(n, "values"))
 
 
 @dataclass(frozen=True)
 class DeltaReply:
     """Client -> server (first-order baselines): the full local weight change."""
 
-    TAG = 6
+    TAG: ClassVar[int] = 6
+    HEAD: ClassVar[str] = "<IfI"
     round: int
     loss: float
     values: np.ndarray  # float32, shape (n,)
+
+    @classmethod
+    def encoded_size(cls, n: int) -> int:
+        return _head_size(cls) + 4 * n
+
+    def _write(self) -> bytes:
+        values = _f32(self.values)
+        return struct.pack(self.HEAD, self.round, self.loss, len(values) // 4) + values
+
+    @classmethod
+    def _read(cls, r: _Reader) -> DeltaReply:
+        rnd, loss, n = r.unpack(cls.HEAD, "header")
+        return cls(rnd, loss, r.f32(n, "values"))
 
 
 @dataclass(frozen=True)
@@ -112,22 +257,75 @@ class StateMessage:
     rounds would cost more bytes than the state itself.
     """
 
-    TAG = 7
+    TAG: ClassVar[int] = 7
+    HEAD: ClassVar[str] = "<IIB"
     round: int
     weights: np.ndarray  # float32, shape (n,)
     curvature: np.ndarray | None  # float32, shape (n,), HiSo only
+
+    @classmethod
+    def size(cls, n: int, curvature: bool) -> int:
+        return _head_size(cls) + 4 * n * (2 if curvature else 1)
+
+    def _write(self) -> bytes:
+        weights = _f32(self.weights)
+        n = len(weights) // 4
+        parts = [struct.pack(self.HEAD, self.round, n, self.curvature is not None), weights]
+        if self.curvature is not None:
+            h = _f32(self.curvature)
+            if len(h) != len(weights):
+                raise MessageError(f"curvature has {len(h) // 4} values for {n} weights")
+            parts.append(h)
+        return b"".join(parts)
+
+    @classmethod
+    def _read(cls, r: _Reader) -> StateMessage:
+        rnd, n, has_h = r.unpack(cls.HEAD, "header")
+        if has_h > 1:
+            raise MessageError(f"state flag must be 0 or 1, got {has_h}")
+        weights = r.f32(n, "weights")
+        return cls(rnd, weights, r.f32(n, "curvature") if has_h else None)
 
 
 @dataclass(frozen=True)
 class SparseDeltaReply:
     """Client -> server (top-k FedAvg): the ``values`` of the weight change at ``indices``."""
 
-    TAG = 8
+    TAG: ClassVar[int] = 8
+    HEAD: ClassVar[str] = "<IfII"
     round: int
     loss: float
     size: int
     indices: np.ndarray  # uint32, strictly increasing, each < size
     values: np.ndarray  # float32, one per index
+
+    @classmethod
+    def max_size(cls, entries: int) -> int:
+        return _head_size(cls) + 8 * entries
+
+    def _write(self) -> bytes:
+        idx = np.ascontiguousarray(self.indices, dtype="<u4").reshape(-1)
+        values = np.ascontiguousarray(self.values, dtype="<f4").reshape(-1)
+        if idx.size != values.size:
+            raise MessageError(f"{idx.size} indices for {values.size} values")
+        _check_u32("size", self.size)
+        head = struct.pack(self.HEAD, self.round, self.loss, self.size, idx.size)
+        return head + idx.tobytes() + values.tobytes()
+
+    @classmethod
+    def _read(cls, r: _Reader) -> SparseDeltaReply:
+        rnd, loss, n, count = r.unpack(cls.HEAD, "header")
+        if count > n:
+            raise MessageError(f"{count} entries for a vector of {n}")
+        idx = r.u32_array(count, "indices")
+        if count and (int(idx.max()) >= n or not (idx[1:] > idx[:-1]).all()):
+            raise MessageError("indices must be strictly increasing and below the size")
+        return cls(rnd, loss, n, idx, r.f32(count, "values"))
+
+
+def packed_size(n: int, bits: int) -> int:
+    """Bytes holding ``n`` codes of ``bits`` bits each."""
+    return (n * bits + 7) // 8
 
 
 @dataclass(frozen=True)
@@ -137,7 +335,8 @@ class QuantizedDeltaReply:
     Code ``c`` stands for ``(c - L) * scale / L`` with ``L = 2**(bits-1) - 1`` levels.
     """
 
-    TAG = 9
+    TAG: ClassVar[int] = 9
+    HEAD: ClassVar[str] = "<IfIBf"
     round: int
     loss: float
     size: int
@@ -145,16 +344,48 @@ class QuantizedDeltaReply:
     scale: float
     codes: bytes  # ceil(size * bits / 8) bytes, little-endian bit order
 
+    @classmethod
+    def encoded_size(cls, n: int, bits: int) -> int:
+        return _head_size(cls) + packed_size(n, bits)
+
+    def _write(self) -> bytes:
+        _check_u32("size", self.size)
+        if len(self.codes) != packed_size(self.size, self.bits):
+            raise MessageError(f"{len(self.codes)} code bytes for {self.size} x {self.bits} bits")
+        head = struct.pack(self.HEAD, self.round, self.loss, self.size, self.bits, self.scale)
+        return head + bytes(self.codes)
+
+    @classmethod
+    def _read(cls, r: _Reader) -> QuantizedDeltaReply:
+        rnd, loss, n, bits, scale = r.unpack(cls.HEAD, "header")
+        if not 2 <= bits <= 16:
+            raise MessageError(f"bits={bits}: quantisation uses 2 to 16 bits")
+        return cls(rnd, loss, n, bits, scale, bytes(r.take(packed_size(n, bits), "codes")))
+
 
 @dataclass(frozen=True)
 class SeedReply:
     """Client -> server (FedKSeed): per local step, a pool index and its P scalars."""
 
-    TAG = 10
+    TAG: ClassVar[int] = 10
+    HEAD: ClassVar[str] = "<IfBB"
     round: int
     loss: float
     indices: tuple[int, ...]  # K pool indices
     scalars: np.ndarray  # float32, shape (K, P)
+
+    def _write(self) -> bytes:
+        k, p = self.scalars.shape
+        _check_kp(k, p)
+        if len(self.indices) != k:
+            raise MessageError(f"{len(self.indices)} seed indices for K={k} local steps")
+        head = struct.pack(self.HEAD, self.round, self.loss, k, p)
+        return head + _u32(self.indices, "seed index") + _f32(self.scalars)
+
+    @classmethod
+    def _read(cls, r: _Reader) -> SeedReply:
+        rnd, loss, k, p = r.unpack(cls.HEAD, "header")
+        return cls(rnd, loss, r.u32(k, "seed indices"), r.f32(k * p, "scalars").reshape(k, p))
 
 
 @dataclass(frozen=True)
@@ -166,19 +397,48 @@ class SeedSync:
     pool direction, so never more than the pool's size.
     """
 
-    TAG = 11
+    TAG: ClassVar[int] = 11
+    HEAD: ClassVar[str] = "<II"
     round: int
     keys: np.ndarray  # uint32, strictly increasing
     values: np.ndarray  # float32
+
+    def _write(self) -> bytes:
+        keys = np.ascontiguousarray(self.keys, dtype="<u4").reshape(-1)
+        values = np.ascontiguousarray(self.values, dtype="<f4").reshape(-1)
+        if keys.size != values.size:
+            raise MessageError(f"{keys.size} keys for {values.size} values")
+        return struct.pack(self.HEAD, self.round, keys.size) + keys.tobytes() + values.tobytes()
+
+    @classmethod
+    def _read(cls, r: _Reader) -> SeedSync:
+        rnd, count = r.unpack(cls.HEAD, "header")
+        keys = r.u32_array(count, "keys")
+        if not (keys[1:] > keys[:-1]).all():
+            raise MessageError("seed-sync keys must be strictly increasing")
+        return cls(rnd, keys, r.f32(count, "values"))
 
 
 @dataclass(frozen=True)
 class SeedProbabilities:
     """Server -> client (FedKSeed-Pro): the sampling probability of each pool seed."""
 
-    TAG = 12
+    TAG: ClassVar[int] = 12
+    HEAD: ClassVar[str] = "<II"
     round: int
     probabilities: np.ndarray  # float32, shape (pool size,)
+
+    def _write(self) -> bytes:
+        probs = _f32(self.probabilities)
+        return struct.pack(self.HEAD, self.round, len(probs) // 4) + probs
+
+    @classmethod
+    def _read(cls, r: _Reader) -> SeedProbabilities:
+        rnd, n = r.unpack(cls.HEAD, "header")
+        probs = r.f32(n, "probabilities")
+        if n == 0 or not np.isfinite(probs).all() or (probs < 0).any() or probs.sum() <= 0:
+            raise MessageError("probabilities must be finite, non-negative and not all zero")
+        return cls(rnd, probs)
 
 
 Message = (
@@ -196,167 +456,53 @@ Message = (
     | SeedProbabilities
 )
 
-
-def _check_u32(name: str, v: int) -> None:
-    if not 0 <= v <= _U32_MAX:
-        raise MessageError(f"{name}={v} does not fit in u32")
+_BY_TAG: dict[int, type] = {}
 
 
-def _check_kp(k: int, p: int) -> None:
-    if not (0 <= k <= 255 and 0 <= p <= 255):
-        raise MessageError(f"K={k} and P={p} must each be at most 255")
+def register_message(cls: type) -> type:
+    """Give ``cls`` (with ``TAG``, ``_write`` and ``_read``) its place in `encode` and
+    `decode`; a tag already taken by another class is refused. Usable as a decorator."""
+    tag = getattr(cls, "TAG", None)
+    if not isinstance(tag, int) or not 0 <= tag <= 255:
+        raise ValueError(f"{cls.__name__}: TAG must be an int in 0..255")
+    if _BY_TAG.get(tag, cls) is not cls:
+        raise ValueError(f"{cls.__name__}: tag {tag} is {_BY_TAG[tag].__name__}'s")
+    _BY_TAG[tag] = cls
+    return cls
 
 
-def _update_body(u: GlobalUpdate) -> bytes:
-    for s in u.seeds:
-        _check_u32("seed", s)
-    return (
-        struct.pack("<f", u.lr)
-        + np.asarray(u.seeds, dtype="<u4").tobytes()
-        + np.ascontiguousarray(u.scalars, dtype="<f4").tobytes()
-    )
+for _cls in (
+    TrainRequest,
+    ScalarReply,
+    GlobalUpdate,
+    CatchUp,
+    WeightsMessage,
+    DeltaReply,
+    StateMessage,
+    SparseDeltaReply,
+    QuantizedDeltaReply,
+    SeedReply,
+    SeedSync,
+    SeedProbabilities,
+):
+    register_message(_cls)
 
 
 def catch_up_size(rounds: int, k: int, p: int) -> int:
     """``len(encode(CatchUp(...)))`` for ``rounds`` updates of shape (k, p), without encoding."""
-    return 11 + rounds * (4 + 4 * k + 4 * k * p)
+    return CatchUp.size(rounds, k, p)
 
 
 def state_size(n: int, curvature: bool) -> int:
     """``len(encode(StateMessage(...)))`` for ``n`` weights, without encoding."""
-    return 10 + 4 * n * (2 if curvature else 1)
+    return StateMessage.size(n, curvature)
 
 
-def encode(msg: Message) -> bytes:
-    """The one binary form of ``msg``."""
-    if isinstance(msg, TrainRequest):
-        _check_u32("round", msg.round)
-        _check_kp(len(msg.seeds), 0)
-        for s in msg.seeds:
-            _check_u32("seed", s)
-        return (
-            struct.pack("<BIfB", msg.TAG, msg.round, msg.lr, len(msg.seeds))
-            + np.asarray(msg.seeds, dtype="<u4").tobytes()
-        )
-    if isinstance(msg, ScalarReply):
-        k, p = msg.scalars.shape
-        _check_kp(k, p)
-        _check_u32("round", msg.round)
-        return (
-            struct.pack("<BIBBf", msg.TAG, msg.round, k, p, msg.loss)
-            + np.ascontiguousarray(msg.scalars, dtype="<f4").tobytes()
-        )
-    if isinstance(msg, GlobalUpdate):
-        k, p = msg.scalars.shape
-        _check_kp(k, p)
-        _check_u32("round", msg.round)
-        if len(msg.seeds) != k:
-            raise MessageError(f"{len(msg.seeds)} seeds for K={k} local steps")
-        return struct.pack("<BIBB", msg.TAG, msg.round, k, p) + _update_body(msg)
-    if isinstance(msg, CatchUp):
-        if not msg.updates:
-            raise MessageError("empty catch-up")
-        k, p = msg.updates[0].scalars.shape
-        _check_kp(k, p)
-        first = msg.updates[0].round
-        parts = [struct.pack("<BIIBB", msg.TAG, first, len(msg.updates), k, p)]
-        for i, u in enumerate(msg.updates):
-            if u.round != first + i or u.scalars.shape != (k, p) or len(u.seeds) != k:
-                raise MessageError("catch-up updates must be consecutive rounds of one shape")
-            parts.append(_update_body(u))
-        return b"".join(parts)
-    if isinstance(msg, StateMessage):
-        weights = np.ascontiguousarray(msg.weights, dtype="<f4").reshape(-1)
-        parts = [struct.pack("<BIIB", msg.TAG, msg.round, weights.size, msg.curvature is not None)]
-        parts.append(weights.tobytes())
-        if msg.curvature is not None:
-            h = np.ascontiguousarray(msg.curvature, dtype="<f4").reshape(-1)
-            if h.size != weights.size:
-                raise MessageError(f"curvature has {h.size} values for {weights.size} weights")
-            parts.append(h.tobytes())
-        return b"".join(parts)
-    if isinstance(msg, WeightsMessage | DeltaReply):
-        values = np.ascontiguousarray(msg.values, dtype="<f4").reshape(-1)
-        second = msg.lr if isinstance(msg, WeightsMessage) else msg.loss
-        return struct.pack("<BIfI", msg.TAG, msg.round, second, values.size) + values.tobytes()
-    if isinstance(msg, SparseDeltaReply):
-        idx = np.ascontiguousarray(msg.indices, dtype="<u4").reshape(-1)
-        values = np.ascontiguousarray(msg.values, dtype="<f4").reshape(-1)
-        if idx.size != values.size:
-            raise MessageError(f"{idx.size} indices for {values.size} values")
-        _check_u32("size", msg.size)
-        head = struct.pack("<BIfII", msg.TAG, msg.round, msg.loss, msg.size, idx.size)
-        return head + idx.tobytes() + values.tobytes()
-    if isinstance(msg, QuantizedDeltaReply):
-        _check_u32("size", msg.size)
-        if len(msg.codes) != packed_size(msg.size, msg.bits):
-            raise MessageError(f"{len(msg.codes)} code bytes for {msg.size} x {msg.bits} bits")
-        head = struct.pack("<BIfIBf", msg.TAG, msg.round, msg.loss, msg.size, msg.bits, msg.scale)
-        return head + bytes(msg.codes)
-    if isinstance(msg, SeedReply):
-        k, p = msg.scalars.shape
-        _check_kp(k, p)
-        if len(msg.indices) != k:
-            raise MessageError(f"{len(msg.indices)} seed indices for K={k} local steps")
-        for i in msg.indices:
-            _check_u32("seed index", i)
-        return (
-            struct.pack("<BIfBB", msg.TAG, msg.round, msg.loss, k, p)
-            + np.asarray(msg.indices, dtype="<u4").tobytes()
-            + np.ascontiguousarray(msg.scalars, dtype="<f4").tobytes()
-        )
-    if isinstance(msg, SeedSync):
-        keys = np.ascontiguousarray(msg.keys, dtype="<u4").reshape(-1)
-        values = np.ascontiguousarray(msg.values, dtype="<f4").reshape(-1)
-        if keys.size != values.size:
-            raise MessageError(f"{keys.size} keys for {values.size} values")
-        return (
-            struct.pack("<BII", msg.TAG, msg.round, keys.size) + keys.tobytes() + values.tobytes()
-        )
-    if isinstance(msg, SeedProbabilities):
-        probs = np.ascontiguousarray(msg.probabilities, dtype="<f4").reshape(-1)
-        return struct.pack("<BII", msg.TAG, msg.round, probs.size) + probs.tobytes()
-    raise TypeError(f"not a message: {type(msg).__name__}")
-
-
-def packed_size(n: int, bits: int) -> int:
-    """Bytes holding ``n`` codes of ``bits`` bits each."""
-    return (n * bits + 7) // 8
-
-
-class _Reader:
-    def __init__(self, data: bytes):
-        self.data = memoryview(data)
-        self.pos = 0
-
-    def take(self, n: int, what: str) -> memoryview:
-        if self.pos + n > len(self.data):
-            raise MessageError(
-                f"truncated message: {what} needs {n} bytes, {len(self.data) - self.pos} left"
-            )
-        out = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return out
-
-    def unpack(self, fmt: str, what: str) -> tuple:
-        return struct.unpack(fmt, self.take(struct.calcsize(fmt), what))
-
-    def f32(self, count: int, what: str) -> np.ndarray:
-        return np.frombuffer(self.take(4 * count, what), dtype="<f4").astype(np.float32)
-
-    def u32(self, count: int, what: str) -> tuple[int, ...]:
-        return tuple(int(v) for v in np.frombuffer(self.take(4 * count, what), dtype="<u4"))
-
-    def done(self) -> None:
-        if self.pos != len(self.data):
-            raise MessageError(f"{len(self.data) - self.pos} trailing bytes after the message")
-
-
-def _read_update_body(r: _Reader, rnd: int, k: int, p: int) -> GlobalUpdate:
-    (lr,) = r.unpack("<f", "lr")
-    seeds = r.u32(k, "seeds")
-    scalars = r.f32(k * p, "scalars").reshape(k, p)
-    return GlobalUpdate(rnd, lr, seeds, scalars)
+def encode(msg: Any) -> bytes:
+    """The one binary form of ``msg``: its tag byte, then what its class writes."""
+    if _BY_TAG.get(getattr(type(msg), "TAG", -1)) is not type(msg):
+        raise TypeError(f"not a message: {type(msg).__name__}")
+    return struct.pack("<B", msg.TAG) + msg._write()
 
 
 def decode(data: bytes) -> Message:
@@ -365,71 +511,8 @@ def decode(data: bytes) -> Message:
         raise MessageError("empty message")
     r = _Reader(bytes(data))
     (tag,) = r.unpack("<B", "tag")
-    if tag == TrainRequest.TAG:
-        rnd, lr, k = r.unpack("<IfB", "header")
-        msg: Message = TrainRequest(rnd, lr, r.u32(k, "seeds"))
-    elif tag == ScalarReply.TAG:
-        rnd, k, p, loss = r.unpack("<IBBf", "header")
-        msg = ScalarReply(rnd, loss, r.f32(k * p, "scalars").reshape(k, p))
-    elif tag == GlobalUpdate.TAG:
-        rnd, k, p = r.unpack("<IBB", "header")
-        msg = _read_update_body(r, rnd, k, p)
-    elif tag == CatchUp.TAG:
-        first, count, k, p = r.unpack("<IIBB", "header")
-        if count == 0:
-            raise MessageError("empty catch-up")
-        per_round = 4 + 4 * k + 4 * k * p
-        if count * per_round != len(r.data) - r.pos:
-            raise MessageError(
-                f"catch-up of {count} rounds needs {count * per_round} bytes, "
-                f"got {len(r.data) - r.pos}"
-            )
-        msg = CatchUp(tuple(_read_update_body(r, first + i, k, p) for i in range(count)))
-    elif tag == StateMessage.TAG:
-        rnd, n, has_h = r.unpack("<IIB", "header")
-        if has_h > 1:
-            raise MessageError(f"state flag must be 0 or 1, got {has_h}")
-        weights = r.f32(n, "weights")
-        msg = StateMessage(rnd, weights, r.f32(n, "curvature") if has_h else None)
-    elif tag in (WeightsMessage.TAG, DeltaReply.TAG):
-        rnd, second, n = r.unpack("<IfI", "header")
-        values = r.f32(n, "values")
-        msg = (
-            WeightsMessage(rnd, second, values)
-            if tag == WeightsMessage.TAG
-            else DeltaReply(rnd, second, values)
-        )
-    elif tag == SparseDeltaReply.TAG:
-        rnd, loss, n, count = r.unpack("<IfII", "header")
-        if count > n:
-            raise MessageError(f"{count} entries for a vector of {n}")
-        idx = np.frombuffer(r.take(4 * count, "indices"), dtype="<u4").astype(np.uint32)
-        if count and (int(idx.max()) >= n or not (idx[1:] > idx[:-1]).all()):
-            raise MessageError("indices must be strictly increasing and below the size")
-        msg = SparseDeltaReply(rnd, loss, n, idx, r.f32(count, "values"))
-    elif tag == QuantizedDeltaReply.TAG:
-        rnd, loss, n, bits, scale = r.unpack("<IfIBf", "header")
-        if not 2 <= bits <= 16:
-            raise MessageError(f"bits={bits}: quantisation uses 2 to 16 bits")
-        msg = QuantizedDeltaReply(
-            rnd, loss, n, bits, scale, bytes(r.take(packed_size(n, bits), "codes"))
-        )
-    elif tag == SeedReply.TAG:
-        rnd, loss, k, p = r.unpack("<IfBB", "header")
-        msg = SeedReply(rnd, loss, r.u32(k, "seed indices"), r.f32(k * p, "scalars").reshape(k, p))
-    elif tag == SeedSync.TAG:
-        rnd, count = r.unpack("<II", "header")
-        keys = np.frombuffer(r.take(4 * count, "keys"), dtype="<u4").astype(np.uint32)
-        if not (keys[1:] > keys[:-1]).all():
-            raise MessageError("seed-sync keys must be strictly increasing")
-        msg = SeedSync(rnd, keys, r.f32(count, "values"))
-    elif tag == SeedProbabilities.TAG:
-        rnd, n = r.unpack("<II", "header")
-        probs = r.f32(n, "probabilities")
-        if n == 0 or not np.isfinite(probs).all() or (probs < 0).any() or probs.sum() <= 0:
-            raise MessageError("probabilities must be finite, non-negative and not all zero")
-        msg = SeedProbabilities(rnd, probs)
-    else:
+    if tag not in _BY_TAG:
         raise MessageError(f"unknown message tag {tag}")
+    msg = _BY_TAG[tag]._read(r)
     r.done()
     return msg

@@ -41,7 +41,7 @@ from fedscalar.ledger import Ledger
 from fedscalar.messages import GlobalUpdate, Message
 from fedscalar.params import ParamSpace
 from fedscalar.rundir import RunDir
-from fedscalar.runtime.base import Runtime
+from fedscalar.runtime.base import RunSetup, RuntimeFactory
 from fedscalar.runtime.local import LocalRuntime
 from fedscalar.tasks import build_task
 from fedscalar.tasks.hf import MissingPackage
@@ -91,7 +91,6 @@ class ShortRound(RuntimeError):
         self.nonfinite = nonfinite
 
 
-RuntimeFactory = Callable[["_Run"], Runtime]
 RoundCallback = Callable[[dict[str, Any]], None]
 """Called with each round's metrics record once the round is recorded."""
 """Builds the runtime for a run from its server, client data and config."""
@@ -338,7 +337,7 @@ class _Run:
         self.client = make_client(cfg, self.space, self.server)
         self.resume = resume
         self.runtime = (
-            runtime(self)
+            runtime(RunSetup(cfg, self.server, self.client, self.client_data))
             if runtime
             else LocalRuntime(
                 self.server, self.client, self.client_data, count_bytes=not cfg.spec.pooled
@@ -515,6 +514,38 @@ class _Run:
         )
 
     def execute(self, from_round: int | None = None) -> RunResult:
+        """Train from where the folder stands to ``cfg.rounds``; record, summarise."""
+        start, history = self._start(from_round)
+        status, error, code = "completed", None, 0
+        clock = (history[-1]["wall_seconds"], time.perf_counter())
+        bar = _ProgressBar(self.cfg.rounds, start) if self.progress else None
+        try:
+            with bar or nullcontext():
+                for rnd in range(start + 1, self.cfg.rounds + 1):
+                    record = self._round(rnd, history[-1], clock)
+                    history.append(record)
+                    for observe in (bar, self.on_round):
+                        if observe is not None:
+                            observe(dict(record))
+                    if "test_loss" in record:
+                        self._check_divergence(history)
+        except Diverged as e:
+            status, error = "diverged", str(e)
+        except ShortRound as e:
+            status, error = ("diverged" if e.nonfinite else "short-round"), str(e)
+        except (KeyboardInterrupt, Terminated) as e:
+            signalled = "SIGTERM" if isinstance(e, Terminated) else "SIGINT (Ctrl-C)"
+            code = 143 if isinstance(e, Terminated) else 130
+            status, error = "interrupted", f"interrupted by {signalled}"
+            log.warning(
+                "%s during round %d: that round was not recorded; --resume runs it again",
+                signalled,
+                history[-1]["round"] + 1,
+            )
+        return self._finish(history, status, error, code)
+
+    def _start(self, from_round: int | None) -> tuple[int, list[dict[str, Any]]]:
+        """Restore (or start) the run; its metrics so far, round 0 evaluated."""
         cfg, rd = self.cfg, self.rd
         self.best_round: int | None = None
         if self.resume:
@@ -544,84 +575,50 @@ class _Run:
             self._evaluate(0, record)
             rd.append_metrics(record)
             history = [record]
-        last = history[-1]
-        up_total, down_total = last["bytes_up_cumulative"], last["bytes_down_cumulative"]
-        wall0 = last["wall_seconds"]
-        t0 = time.perf_counter()
-        status, error, code = "completed", None, 0
-        bar = _progress(self.progress)
-        try:
-            with bar or nullcontext():
-                task_id = (
-                    bar.add_task(
-                        "rounds", total=cfg.rounds, completed=start, loss=float("nan"), acc="-"
-                    )
-                    if bar
-                    else None
-                )
-                for rnd in range(start + 1, cfg.rounds + 1):
-                    t_round = time.perf_counter()
-                    clients = round_clients(cfg, rnd)
-                    seeds = schedule.round_seeds(cfg.seed, rnd, cfg.local_steps)
-                    lr = cfg.lr_at(rnd)
-                    update, train_loss, counts = self._exchange(rnd, lr, seeds, clients)
-                    self.ledger.append(update)
-                    up_total += counts["bytes_up"]
-                    down_total += counts["bytes_down"]
-                    record = {
-                        "round": rnd,
-                        "train_loss": train_loss,
-                        "clients": clients,
-                        **counts,
-                        "bytes_up_cumulative": up_total,
-                        "bytes_down_cumulative": down_total,
-                        "round_seconds": time.perf_counter() - t_round,
-                    }
-                    if cfg.lr_schedule != "constant" or cfg.lr_warmup:
-                        record["lr"] = lr
-                    evaluate = rnd % cfg.eval_every == 0 or rnd == cfg.rounds
-                    if evaluate:
-                        self._evaluate(rnd, record)
-                    record["wall_seconds"] = wall0 + time.perf_counter() - t0
-                    rd.append_metrics(record)
-                    if evaluate:
-                        self._checkpoint(rnd)
-                        self._sync()
-                    history.append(record)
-                    if self.on_round is not None:
-                        self.on_round(dict(record))
-                    if evaluate:
-                        self._check_divergence(history)
-                    if bar is not None:
-                        acc = next(
-                            (h["test_accuracy"] for h in reversed(history) if "test_accuracy" in h),
-                            None,
-                        )
-                        bar.update(
-                            task_id,
-                            completed=rnd,
-                            loss=train_loss if train_loss is not None else float("nan"),
-                            acc=f"{acc:.3f}" if acc is not None else "-",
-                        )
-        except Diverged as e:
-            status, error = "diverged", str(e)
-        except ShortRound as e:
-            status, error = ("diverged" if e.nonfinite else "short-round"), str(e)
-        except (KeyboardInterrupt, Terminated) as e:
-            signalled = "SIGTERM" if isinstance(e, Terminated) else "SIGINT (Ctrl-C)"
-            code = 143 if isinstance(e, Terminated) else 130
-            status, error = "interrupted", f"interrupted by {signalled}"
-            log.warning(
-                "%s during round %d: that round was not recorded; --resume runs it again",
-                signalled,
-                history[-1]["round"] + 1,
-            )
+        return start, history
+
+    def _round(self, rnd: int, last: dict[str, Any], clock: tuple[float, float]) -> dict[str, Any]:
+        """Round ``rnd``: exchange, then record it (ledger first, then metrics, then at
+        evaluations the checkpoint, synced to disk); its metrics record."""
+        cfg, t_round = self.cfg, time.perf_counter()
+        clients = round_clients(cfg, rnd)
+        seeds = schedule.round_seeds(cfg.seed, rnd, cfg.local_steps)
+        lr = cfg.lr_at(rnd)
+        update, train_loss, counts = self._exchange(rnd, lr, seeds, clients)
+        self.ledger.append(update)
+        record = {
+            "round": rnd,
+            "train_loss": train_loss,
+            "clients": clients,
+            **counts,
+            "bytes_up_cumulative": last["bytes_up_cumulative"] + counts["bytes_up"],
+            "bytes_down_cumulative": last["bytes_down_cumulative"] + counts["bytes_down"],
+            "round_seconds": time.perf_counter() - t_round,
+        }
+        if cfg.lr_schedule != "constant" or cfg.lr_warmup:
+            record["lr"] = lr
+        evaluate = rnd % cfg.eval_every == 0 or rnd == cfg.rounds
+        if evaluate:
+            self._evaluate(rnd, record)
+        wall0, t0 = clock
+        record["wall_seconds"] = wall0 + time.perf_counter() - t0
+        self.rd.append_metrics(record)
+        if evaluate:
+            self._checkpoint(rnd)
+            self._sync()
+        return record
+
+    def _finish(
+        self, history: list[dict[str, Any]], status: str, error: str | None, code: int
+    ) -> RunResult:
+        """Sync, back off or summarise and plot; `RunFailed` if the run stopped early."""
+        rd = self.rd
         self._sync()
         if status == "diverged":
             self._maybe_back_off(error or "diverged", history)
         summary = self._summary(history, status)
         rd.write_summary(summary)
-        _plot(rd, history, cfg)
+        _plot(rd, history, self.cfg)
         if error is not None:
             done = history[-1]["round"]
             log.error("%s; stopped after round %d", error, done)
@@ -637,7 +634,7 @@ class _Run:
                 + (" --lr SMALLER" if status == "diverged" else ""),
                 code=code if status == "interrupted" else 1,
             )
-        log.info("finished round %d", cfg.rounds)
+        log.info("finished round %d", self.cfg.rounds)
         return RunResult(rd.path, summary)
 
     def _maybe_back_off(self, reason: str, history: list[dict[str, Any]]) -> None:
@@ -719,25 +716,48 @@ class _Run:
         }
 
 
-def _progress(enabled: bool):
-    if not enabled:
-        return None
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-    )
+class _ProgressBar:
+    """The terminal's progress bar: a round observer like ``on_round``."""
 
-    return Progress(
-        TextColumn("[bold]round"),
-        MofNCompleteColumn(),
-        BarColumn(),
-        TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]}"),
-        TimeRemainingColumn(),
-        transient=False,
-    )
+    def __init__(self, rounds: int, start: int):
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
+        self.bar = Progress(
+            TextColumn("[bold]round"),
+            MofNCompleteColumn(),
+            BarColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]}"),
+            TimeRemainingColumn(),
+            transient=False,
+        )
+        self.task = self.bar.add_task(
+            "rounds", total=rounds, completed=start, loss=float("nan"), acc="-"
+        )
+        self.acc = "-"
+
+    def __enter__(self) -> _ProgressBar:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(*exc)
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        if "test_accuracy" in record:
+            self.acc = f"{record['test_accuracy']:.3f}"
+        loss = record.get("train_loss")
+        self.bar.update(
+            self.task,
+            completed=record["round"],
+            loss=loss if loss is not None else float("nan"),
+            acc=self.acc,
+        )
 
 
 def _plot(rd: RunDir, history: list[dict[str, Any]], cfg: RunConfig) -> None:

@@ -16,8 +16,6 @@ from fedscalar.messages import (
     Message,
     QuantizedDeltaReply,
     SparseDeltaReply,
-    encode,
-    packed_size,
 )
 
 
@@ -30,7 +28,7 @@ class Compressor:
         return DeltaReply(rnd, loss, v.astype(np.float32))
 
     def max_bytes(self, n: int) -> int:
-        return len(encode(DeltaReply(0, 0.0, np.zeros(n, np.float32))))
+        return DeltaReply.encoded_size(n)
 
     def reply_type(self) -> type:
         return DeltaReply
@@ -55,7 +53,7 @@ class TopK(Compressor):
         return SparseDeltaReply(rnd, loss, v.size, idx, v[idx].astype(np.float32))
 
     def max_bytes(self, n: int) -> int:
-        return 17 + 8 * self.count(n)
+        return SparseDeltaReply.max_size(self.count(n))
 
     def reply_type(self) -> type:
         return SparseDeltaReply
@@ -105,7 +103,7 @@ class QSGD(Compressor):
         )
 
     def max_bytes(self, n: int) -> int:
-        return 18 + packed_size(n, self.bits)
+        return QuantizedDeltaReply.encoded_size(n, self.bits)
 
     def reply_type(self) -> type:
         return QuantizedDeltaReply

@@ -96,28 +96,18 @@ class FedKSeedClient(Client):
         self.state.round = msg.round
 
     def train(self, request: TrainRequest, data: ClientData) -> SeedReply:
-        state, p_count = self.state, self.algo.s.perturbations
-        if state.round != request.round - 1:
-            raise ProtocolError(
-                f"client at round {state.round} asked to train round {request.round}: sync missing"
-            )
-        local: list[Term] = []
+        """DeComFL's local steps, each along a pool seed the round's seed picks."""
         indices: list[int] = []
-        scalars = np.empty((len(request.seeds), p_count), dtype=np.float32)
-        first_loss = float("nan")
-        for k, round_seed in enumerate(request.seeds):
+
+        def pool_seed(k: int, round_seed: int) -> int:
             j = schedule.pool_index(
                 round_seed, data.client_id, k, self.probabilities, len(self.pool)
             )
-            batch = data.make_batch(request.round, k)
-            loss, g = self.algo.measure(state, data, batch, self.pool[j], local)
-            if k == 0:
-                first_loss = loss
             indices.append(j)
-            scalars[k] = g
-            coef = -request.lr / p_count
-            local += [(self.pool[j], p, coef * float(scalars[k, p])) for p in range(p_count)]
-        return SeedReply(request.round, first_loss, tuple(indices), scalars)
+            return self.pool[j]
+
+        loss, scalars = self.algo.local_steps(self.state, request, data, pool_seed, "sync")
+        return SeedReply(request.round, loss, tuple(indices), scalars)
 
     def handle(self, messages: list[Message], data: ClientData) -> Message:
         reply: Message | None = None

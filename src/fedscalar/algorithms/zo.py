@@ -8,7 +8,7 @@ hold bit-identical weights (and, for HiSo, the same curvature vector H).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -155,25 +155,40 @@ class ZOAlgorithm:
             plus_minus.append((fp + fm) / 2)
         return float(np.mean(plus_minus)), g
 
-    def train(self, state: ZOState, request: TrainRequest, data: ClientData) -> ScalarReply:
-        """K local ZO steps from the global point; the local progress is then discarded."""
+    def local_steps(
+        self,
+        state: ZOState,
+        request: TrainRequest,
+        data: ClientData,
+        seed_of: Callable[[int, int], int] | None = None,
+        missing: str = "catch-up",
+    ) -> tuple[float, np.ndarray]:
+        """K local ZO steps from the global point (the local progress is then discarded):
+        step k measures along ``seed_of(k, request.seeds[k])`` (default: that seed).
+        Returns the loss at the start point and the K x P scalars."""
         if state.round != request.round - 1:
             raise ProtocolError(
                 f"client at round {state.round} asked to train round {request.round}: "
-                "catch-up missing"
+                f"{missing} missing"
             )
         local: list[Term] = []
         scalars = np.empty((len(request.seeds), self.s.perturbations), dtype=np.float32)
         first_loss = float("nan")
-        for k, seed in enumerate(request.seeds):
+        coef = -request.lr / self.s.perturbations
+        for k, round_seed in enumerate(request.seeds):
+            seed = round_seed if seed_of is None else seed_of(k, round_seed)
             batch = data.make_batch(request.round, k)
             loss, g = self.measure(state, data, batch, seed, local)
             if k == 0:
                 first_loss = loss
             scalars[k] = g
-            coef = -request.lr / self.s.perturbations
             local += [(seed, p, coef * float(scalars[k, p])) for p in range(self.s.perturbations)]
-        return ScalarReply(request.round, first_loss, scalars)
+        return first_loss, scalars
+
+    def train(self, state: ZOState, request: TrainRequest, data: ClientData) -> ScalarReply:
+        """K local ZO steps along the request's seeds; reply with their scalars."""
+        loss, scalars = self.local_steps(state, request, data)
+        return ScalarReply(request.round, loss, scalars)
 
 
 class ZOClient(Client):

@@ -3,7 +3,24 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fedscalar.algorithms.base import Client, ClientData, Server
+    from fedscalar.config import RunConfig
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    """What a runtime is built from: the run's config, its server, the client object
+    (the simulator's one client serves every client id in turn) and each client's data."""
+
+    cfg: RunConfig
+    server: Server
+    client: Client
+    client_data: Callable[[int], ClientData]
 
 
 @dataclass
@@ -30,3 +47,7 @@ class Runtime(ABC):
 
     def close(self) -> None:  # noqa: B027
         """Release what the runtime holds (connections, processes)."""
+
+
+RuntimeFactory = Callable[[RunSetup], Runtime]
+"""Builds a run's runtime (``fedscalar.run(..., runtime=...)``)."""

@@ -11,23 +11,19 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
 
 from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedscalar.messages import encode
-from fedscalar.runtime.base import RoundTraffic, Runtime
+from fedscalar.runtime.base import RoundTraffic, RunSetup, Runtime
 from fedscalar.runtime.flower.protocol import QUERY, TRAIN, pack, run_key, unpack
-
-if TYPE_CHECKING:
-    from fedscalar.runner import _Run
 
 log = logging.getLogger("fedscalar")
 
 
 class FlowerRuntime(Runtime):
-    def __init__(self, grid: Grid, run: _Run, wait_for_nodes: float | None = None):
+    def __init__(self, grid: Grid, run: RunSetup, wait_for_nodes: float | None = None):
         self.grid, self.server, self.cfg = grid, run.server, run.cfg
         self.key, self.toml = run_key(run.cfg), run.cfg.to_toml()
         self.timeout = run.cfg.reply_timeout
