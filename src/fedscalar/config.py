@@ -34,7 +34,7 @@ TEXT_LR: dict[tuple[str, str, bool], float] = {
     ("zo", "minilm-l6", False): 1e-5,
     ("hiso", "minilm-l6", False): 1e-5,
     ("fo", "minilm-l6", False): 1e-4,
-    ("zo", "smollm2-135m", True): 2e-2,
+    ("zo", "smollm2-135m", True): 1e-2,
     ("hiso", "smollm2-135m", True): 1e-2,
     ("fo", "smollm2-135m", True): 5e-2,
     ("zo", "smollm2-135m", False): 1e-5,
@@ -100,13 +100,15 @@ class RunConfig(BaseModel):
     )
     algorithm: str = Field(
         "decomfl",
-        description="Training algorithm: decomfl, hiso (scalar-only ZO); fedzo (ZO, full "
-        "upload); fedkseed, fedkseed-pro (ZO on a seed pool); mezo (centralised ZO on the "
-        "pooled data); fedavg, fedavg-topk, fedavg-qsgd (first order); or a registered one.",
+        description="Training algorithm: "
+        + "; ".join(f"{name}: {spec.help}" for name, spec in registry.ALGORITHMS.items())
+        + "; or one a plugin registers.",
     )
     task: str = Field(
         "digits",
-        description="Task: digits, mnist, sentiment, text-classification, or a registered one.",
+        description="Task: "
+        + "; ".join(f"{name}: {spec.help}" for name, spec in registry.TASKS.items())
+        + "; or one a plugin registers.",
     )
     model: str | None = Field(
         None,

@@ -152,7 +152,7 @@ def _seed_pool_check(cfg: RunConfig) -> None:
 for _spec in (
     AlgorithmSpec(
         "decomfl",
-        "scalar-only ZO (K x P scalars up, seeds and scalars down)",
+        "scalar-only ZO, K x P scalars up, seeds and scalars down",
         _SERVER,
         _CLIENT,
         lr=_ZO_LR,
@@ -227,7 +227,7 @@ for _spec in (
     ),
     AlgorithmSpec(
         "mezo",
-        "centralised ZO on the pooled data (reference)",
+        "centralised ZO on the pooled data, the reference",
         _SERVER,
         _CLIENT,
         lr=_ZO_LR,
@@ -263,7 +263,7 @@ for _task in (
     ),
     TaskSpec(
         "text-classification",
-        "any labelled text dataset (--dataset)",
+        "any labelled text dataset, named by --dataset",
         _TEXT,
         "minilm-l6",
         "--dataset",
