@@ -183,8 +183,8 @@ def test_fedkseed_pro_probabilities_by_hand():
 
 
 def test_mezo_is_one_party_on_the_pooled_data(tmp_path):
+    from fedscalar.api import run
     from fedscalar.federation import batch_size, client_partitions
-    from fedscalar.runner import run
     from fedscalar.tasks import build_task
 
     cfg = RunConfig(algorithm="mezo", rounds=6, eval_every=3, out=str(tmp_path / "m"))
@@ -256,9 +256,9 @@ def test_median_aggregation_of_scalars_ignores_one_wild_client():
 def test_interrupted_baseline_resumes_to_the_same_model(tmp_path, algorithm):
     """Stopped at round 3 and resumed to 6 = 6 straight rounds, bit for bit (the
     checkpoint carries error-feedback residuals; Pro rebuilds its seed statistics)."""
+    from fedscalar.api import run
     from fedscalar.export import rebuild
     from fedscalar.rundir import RunDir
-    from fedscalar.runner import run
 
     def cfg(rounds, out):
         return RunConfig(

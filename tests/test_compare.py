@@ -9,12 +9,12 @@ import pytest
 from typer.testing import CliRunner
 
 from fedscalar import compare as cmp
+from fedscalar.api import run
 from fedscalar.cli import app
 from fedscalar.config import ConfigError, RunConfig
 from fedscalar.messages import DeltaReply, ScalarReply, SeedReply, TrainRequest, encode
 from fedscalar.report import write_report
 from fedscalar.rundir import RunDir
-from fedscalar.runner import run
 
 FAST = {"task": "digits", "rounds": 8, "eval_every": 4}
 

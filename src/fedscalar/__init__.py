@@ -16,12 +16,13 @@ __all__ = ["RunConfig", "RunResult", "__version__", "run"]
 _LAZY = {
     "RunConfig": "fedscalar.config",
     "RunResult": "fedscalar.runner",
-    "run": "fedscalar.runner",
+    "run": "fedscalar.api",
 }
 
 if TYPE_CHECKING:
+    from fedscalar.api import run
     from fedscalar.config import RunConfig
-    from fedscalar.runner import RunResult, run
+    from fedscalar.runner import RunResult
 
 
 def __getattr__(name: str) -> Any:

@@ -136,8 +136,8 @@ def run(
     """Train. With no options, runs the demo: DeComFL on digits with 10 clients."""
     if quiet:
         quiet_libraries()
+    from fedscalar.api import run as run_training
     from fedscalar.runner import RunFailed
-    from fedscalar.runner import run as run_training
 
     try:
         if resume:

@@ -271,8 +271,9 @@ def _train(cfg_toml: str, mode: str, threads: int) -> dict[str, Any]:
 
     import torch
 
+    from fedscalar.api import run
     from fedscalar.config import build_config_text
-    from fedscalar.runner import RunFailed, run
+    from fedscalar.runner import RunFailed
 
     logging.getLogger("fedscalar").propagate = False
     torch.set_num_threads(threads)

@@ -15,17 +15,14 @@ config, and the node's ``partition-id`` (``--node-config``) says which client it
 from __future__ import annotations
 
 from flwr.app import Context
-from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from fedscalar.api import run
 from fedscalar.config import build_config
-from fedscalar.runner import run
-from fedscalar.runtime.flower import client
+from fedscalar.runtime.flower.client import client_app
 from fedscalar.runtime.flower.server import FlowerRuntime
 
-client_app = ClientApp()
-client_app.query()(client.query)
-client_app.train()(client.train)
+__all__ = ["client_app", "server_app"]
 
 server_app = ServerApp()
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from flwr.app import ConfigRecord, Context, Message
+from flwr.clientapp import ClientApp
 
 from fedscalar.algorithms import Client, make_client
 from fedscalar.algorithms.zo import ProtocolError
@@ -206,3 +207,9 @@ def train(message: Message, context: Context) -> Message:
         return Message(pack(reply=encode(reply)), reply_to=message)
     except (MessageError, ProtocolError, ValueError, KeyError, TypeError) as e:
         return _error(message, e)
+
+
+client_app = ClientApp()
+"""The node's Flower app: set-up queries and train messages (`flwr run`, simulation)."""
+client_app.query()(query)
+client_app.train()(train)

@@ -15,15 +15,14 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.simulation import run_simulation
 
 from fedscalar.config import RunConfig
+from fedscalar.runner import execute
 from fedscalar.runtime.flower import QUIET_ENV
-from fedscalar.runtime.flower.app import client_app
+from fedscalar.runtime.flower.client import client_app
 from fedscalar.runtime.flower.server import FlowerRuntime
 
 
 def simulate(cfg: RunConfig, *, resume: bool, progress: bool, workers: int | None = None):
     """Run ``cfg`` (already resolved) on the simulation engine; return the `RunResult`."""
-    from fedscalar.runner import execute
-
     for k, v in {**QUIET_ENV, "RAY_DEDUP_LOGS": "0"}.items():
         os.environ.setdefault(k, v)
     outcome: dict[str, Any] = {}
