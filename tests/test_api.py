@@ -104,3 +104,25 @@ def test_what_an_algorithm_supports_comes_from_its_registry_entry(tmp_path):
     result = _cli("run", *VOTE, "--task", "mnist", "--out", str(tmp_path / "x"))
     assert result.exit_code == 2 and "no default for mnist; give --lr" in result.output
     json.dumps(registry.ALGORITHMS["decomfl-vote"].lr)  # plain data, documented defaults
+
+
+def test_a_plugin_declares_its_own_settings(tmp_path):
+    plain, margin = tmp_path / "plain", tmp_path / "margin"
+    assert _cli("run", *VOTE, *SMALL, "--rounds", "3", "--out", str(plain)).exit_code == 0
+    args = ["run", *VOTE, *SMALL, "--rounds", "3", "--options", "margin=0.5"]
+    result = _cli(*args, "--out", str(margin))
+    assert result.exit_code == 0, result.output
+    assert (plain / "ledger.bin").read_bytes() != (margin / "ledger.bin").read_bytes()
+    assert Ledger.open(margin / "ledger.bin").header["options"] == {"margin": 0.5}
+    for bad, why in (
+        ("nope=1", "has no option 'nope' (it takes: margin)"),
+        ("margin=abc", "margin takes a float"),
+        ("margin", "expected name=value"),
+    ):
+        result = _cli(*args[:-1], bad, "--out", str(tmp_path / "bad"))
+        assert result.exit_code == 2 and why in result.output, result.output
+    # the ledger decides: an edited setting in config.toml is refused on resume
+    config = margin / "config.toml"
+    config.write_text(config.read_text().replace("margin = 0.5", "margin = 0.1"))
+    result = _cli("run", "--resume", "--out", str(margin), "--rounds", "4", "--quiet")
+    assert result.exit_code == 2 and "options" in result.output, result.output

@@ -27,7 +27,7 @@ app = typer.Typer(
 )
 
 
-LISTED = ("verbalizers", "lora_targets", "plugins")
+LISTED = ("verbalizers", "lora_targets", "plugins", "options")
 """Options given as comma-separated strings on the command line and lists in TOML."""
 
 NOT_SHARED = ("algorithm", "seed", "out")

@@ -98,6 +98,11 @@ class RunConfig(BaseModel):
         description="Python modules imported first: they register their own algorithms "
         "and tasks (docs/api.md).",
     )
+    options: dict[str, str | bool | int | float] | None = Field(
+        None,
+        description="Settings a plug-in algorithm or task declares, as name=value pairs "
+        "(comma-separated on the command line); unknown names are refused.",
+    )
     algorithm: str = Field(
         "decomfl",
         description="Training algorithm: "
@@ -290,6 +295,20 @@ class RunConfig(BaseModel):
             registry.load_plugins(list(values["plugins"]))
         return values
 
+    @field_validator("options", mode="before")
+    @classmethod
+    def _options_from_pairs(cls, value: Any) -> Any:
+        """``["a=1", "b=x"]`` (the command line's form) as ``{"a": "1", "b": "x"}``."""
+        if isinstance(value, list | tuple):
+            pairs = {}
+            for item in value:
+                name, sep, text = str(item).partition("=")
+                if not sep or not name.strip():
+                    raise ValueError(f"expected name=value, got {item!r}")
+                pairs[name.strip()] = text.strip()
+            return pairs
+        return value
+
     @field_validator("algorithm")
     @classmethod
     def _known_algorithm(cls, name: str) -> str:
@@ -365,6 +384,7 @@ class RunConfig(BaseModel):
                     else ""
                 )
             )
+        self._check_options(spec.options | task_spec.options)
         if spec.check is not None:
             spec.check(self)
         if self.lr is None and self.effective_lr is None:
@@ -389,6 +409,29 @@ class RunConfig(BaseModel):
                 f"{self.sampled} clients sampled per round"
             )
         return self
+
+    def _check_options(self, declared: dict[str, Any]) -> None:
+        """Each option is one the algorithm or task declares; its value takes the type of
+        the declared default (set in place, without re-validating)."""
+        if not self.options:
+            return
+        typed = {}
+        for name, value in self.options.items():
+            if name not in declared:
+                takes = ", ".join(declared) or "none"
+                raise ValueError(
+                    f"options: {self.algorithm} on {self.task} has no option {name!r} "
+                    f"(it takes: {takes})"
+                )
+            typed[name] = _as_type_of(declared[name], value, name)
+        object.__setattr__(self, "options", typed)
+
+    def option(self, name: str) -> Any:
+        """A plug-in setting: the value given in ``options``, or its declared default."""
+        declared = self.spec.options | self.task_spec.options
+        if name not in declared:
+            raise KeyError(f"{self.algorithm} on {self.task} declares no option {name!r}")
+        return (self.options or {}).get(name, declared[name])
 
     @property
     def effective_lr(self) -> float | None:
@@ -423,6 +466,24 @@ class RunConfig(BaseModel):
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.model_dump(exclude_none=True))
+
+
+def _as_type_of(default: Any, value: Any, name: str) -> Any:
+    """``value`` (a string from the command line, or a TOML value) as ``default``'s type."""
+    kind = type(default)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    text = str(value).strip()
+    try:
+        if kind is bool:
+            if text.lower() in ("true", "1", "yes", "on"):
+                return True
+            if text.lower() in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"options: {name} takes a {kind.__name__}, got {value!r}") from None
 
 
 def _format(err: ValidationError) -> str:

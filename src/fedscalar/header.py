@@ -52,6 +52,7 @@ def ledger_header(cfg: RunConfig, space: ParamSpace) -> dict[str, Any]:
         "hiso": {key: getattr(cfg, field) for key, field in HISO.items()}
         if cfg.algorithm == "hiso"
         else None,
+        **({"options": cfg.options} if cfg.options else {}),
     }
 
 
@@ -72,8 +73,11 @@ def check_header(rd: RunDir, cfg: RunConfig, header: dict[str, Any]) -> RunConfi
         recorded.update({field: header["hiso"][key] for key, field in HISO.items()})
     if stated is not None:
         recorded["arithmetic"] = written
+    recorded["options"] = header.get("options")  # a plug-in's settings; none: absent
     for field, value in recorded.items():
         ours = stated if field == "arithmetic" else getattr(cfg, field)
+        if field == "options":
+            ours = ours or None
         if ours != value:
             raise LedgerError(
                 f"{rd.config} says {field} = {ours!r} but {rd.ledger} was written with "

@@ -56,6 +56,9 @@ class AlgorithmSpec:
     (centralised MeZO): the reference point, not a federation."""
     check: Callable[[RunConfig], None] | None = None
     """Extra validation of a config naming it; raises ValueError("field: why")."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Its own settings, by name, with their defaults (``--options name=value``; the
+    value takes the default's type); read them with ``cfg.option(name)``."""
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,8 @@ class TaskSpec:
     """What it trains on, in a few words (logs, plot titles)."""
     text: bool = False
     """It takes the text options (template, verbalizers, LoRA, max_length, ...)."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Its own settings with their defaults, as for an algorithm."""
 
 
 ALGORITHMS: dict[str, AlgorithmSpec] = {}
