@@ -16,6 +16,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -309,18 +310,12 @@ class RunConfig(BaseModel):
             return pairs
         return value
 
-    @field_validator("algorithm")
+    @field_validator("algorithm", "task")
     @classmethod
-    def _known_algorithm(cls, name: str) -> str:
-        if name not in registry.ALGORITHMS:
-            raise ValueError(f"unknown algorithm; choose from {', '.join(registry.ALGORITHMS)}")
-        return name
-
-    @field_validator("task")
-    @classmethod
-    def _known_task(cls, name: str) -> str:
-        if name not in registry.TASKS:
-            raise ValueError(f"unknown task; choose from {', '.join(registry.TASKS)}")
+    def _registered(cls, name: str, info: ValidationInfo) -> str:
+        table = registry.ALGORITHMS if info.field_name == "algorithm" else registry.TASKS
+        if name not in table:
+            raise ValueError(f"unknown {info.field_name}; choose from {', '.join(table)}")
         return name
 
     @property

@@ -144,6 +144,9 @@ _CLIENT = _lazy("fedscalar.algorithms:builtin_client")
 _ROBUST = AGGREGATORS
 _ZO_LR = {"digits": 0.03, "mnist": 0.01}
 _FO_LR = {"digits": 0.3, "mnist": 0.3}
+_COMPRESSED_FO: dict[str, Any] = dict(
+    lr_family="fo", lr=_FO_LR, replayable=False, aggregators=AGGREGATORS
+)
 
 
 def _seed_pool_check(cfg: RunConfig) -> None:
@@ -190,20 +193,14 @@ for _spec in (
         "FedAvg, top-k sparsified upload with error feedback",
         _SERVER,
         _CLIENT,
-        lr_family="fo",
-        lr=_FO_LR,
-        replayable=False,
-        aggregators=_ROBUST,
+        **_COMPRESSED_FO,
     ),
     AlgorithmSpec(
         "fedavg-qsgd",
         "FedAvg, QSGD-quantised upload with error feedback",
         _SERVER,
         _CLIENT,
-        lr_family="fo",
-        lr=_FO_LR,
-        replayable=False,
-        aggregators=_ROBUST,
+        **_COMPRESSED_FO,
     ),
     AlgorithmSpec(
         "fedzo",
