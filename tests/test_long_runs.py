@@ -32,19 +32,37 @@ def _compare(out, timeout=None):
         return None
 
 
+def _rounds_done(out) -> int:
+    return sum(len(RunDir(cmp.run_folder(out, a, 0)).read_metrics()) for a in ("decomfl", "hiso"))
+
+
+def _kill_after(out, rounds: int, limit: float = 120.0) -> bool:
+    """Start the comparison and SIGKILL its process group once its runs hold ``rounds``
+    metrics lines between them; False if it finished first."""
+    cmd = [sys.executable, "-m", "fedscalar", "compare", "--out", str(out), *ARGS]
+    proc = subprocess.Popen(
+        cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.time() + limit
+    while proc.poll() is None and time.time() < deadline and _rounds_done(out) < rounds:
+        time.sleep(0.05)
+    if proc.poll() is not None:
+        return False
+    os.killpg(proc.pid, signal.SIGKILL)  # the comparison and its training processes
+    proc.wait()
+    return True
+
+
 def test_a_comparison_killed_again_and_again_ends_as_if_never_stopped(tmp_path):
     straight = tmp_path / "straight"
     assert _compare(straight) == 0
     killed = tmp_path / "killed"
     rng = np.random.default_rng(0)
     kills = 0
-    for attempt in range(20):  # longer and longer: start-up alone takes seconds
-        code = _compare(killed, timeout=float(rng.uniform(4.0, 6.0)) + 1.5 * attempt)
-        if code == 0:
-            break
-        assert code is None  # killed, never failed
-        kills += 1
-    assert kills >= 2 and code == 0
+    for point in sorted(rng.integers(20, 460, size=4)):  # of 2 x 241 metrics lines
+        kills += _kill_after(killed, int(point))
+    assert kills >= 2
+    assert _compare(killed) == 0
     for algo in ("decomfl", "hiso"):
         a, b = (RunDir(cmp.run_folder(x, algo, 0)) for x in (straight, killed))
         assert a.ledger.read_bytes() == b.ledger.read_bytes(), algo
