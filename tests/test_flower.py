@@ -104,7 +104,7 @@ def _same_run(a, b):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-@pytest.mark.parametrize("algorithm", ["decomfl", "hiso", "fedavg"])
+@pytest.mark.parametrize("algorithm", ["decomfl", "hiso", "fedavg", "feedsign", "ferret"])
 @pytest.mark.usefixtures("server_identity")
 def test_flower_runtime_matches_the_local_simulator(tmp_path, algorithm):
     cfg = RunConfig(algorithm=algorithm, rounds=8, **SMALL)

@@ -62,7 +62,7 @@ def test_run_folder_contents(tmp_path):
     assert json.loads((out / "summary.json").read_text())["rounds"] == 12
 
 
-@pytest.mark.parametrize("algorithm", ["decomfl", "hiso", "fedavg"])
+@pytest.mark.parametrize("algorithm", ["decomfl", "hiso", "fedavg", "feedsign", "ferret"])
 def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, algorithm):
     lr = {"fedavg": 0.1}.get(algorithm, 0.03)
     full = tmp_path / "full"
@@ -86,7 +86,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, algorithm):
     assert scheduled == [m.get("test_accuracy") for m in metrics_part if m["round"] % 5 == 0]
 
 
-@pytest.mark.parametrize("algorithm", ["decomfl", "hiso"])
+@pytest.mark.parametrize("algorithm", ["decomfl", "hiso", "feedsign", "ferret"])
 def test_crash_recovery_and_export_replay_the_ledger(tmp_path, algorithm):
     full = tmp_path / "full"
     run(RunConfig(algorithm=algorithm, rounds=14, lr=0.03, out=str(full), **SMALL))

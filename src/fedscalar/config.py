@@ -41,6 +41,10 @@ TEXT_LR: dict[tuple[str, str, bool], float] = {
     ("zo", "smollm2-135m", False): 1e-5,
     ("hiso", "smollm2-135m", False): 1e-5,
     ("fo", "smollm2-135m", False): 1e-4,
+    ("sign", "minilm-l6", True): 1e-3,
+    ("sign", "smollm2-135m", True): 1e-3,
+    ("sign", "*", True): 1e-3,
+    ("sign", "*", False): 1e-6,
     ("zo", "*", True): 3e-3,
     ("hiso", "*", True): 3e-3,
     ("fo", "*", True): 1e-1,
@@ -61,6 +65,9 @@ def default_lr(algorithm: str, task: str, model: str | None, lora: bool) -> floa
     key = (spec.lr_family, model or task_spec.default_model, lora)
     return TEXT_LR.get(key, TEXT_LR.get((spec.lr_family, "*", lora)))
 
+
+ALGORITHM_ONLY = ("projections", "server_lr")
+"""Fields that only the algorithms naming them in `AlgorithmSpec.defaults` take."""
 
 RESUMABLE_CHANGES = frozenset(
     {
@@ -125,7 +132,22 @@ class RunConfig(BaseModel):
     sampled: int = Field(5, ge=1, description="Clients sampled per round.")
     rounds: int = Field(600, ge=1, description="Total number of rounds.")
     local_steps: int = Field(1, ge=1, le=255, description="Local steps K per round.")
-    perturbations: int = Field(5, ge=1, le=255, description="Perturbations P per ZO step.")
+    perturbations: int = Field(
+        5, ge=1, le=255, description="Perturbations P per ZO step (feedsign: default 1)."
+    )
+    projections: int | None = Field(
+        None,
+        ge=1,
+        le=255,
+        description="ferret: random directions the local update is projected on per round "
+        "(default 64).",
+    )
+    server_lr: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="ferret: step of the rebuilt update, x += server-lr x update (default 1.0).",
+    )
     lr: float | None = Field(
         None,
         gt=0,
@@ -294,6 +316,9 @@ class RunConfig(BaseModel):
         """Import the plugins before the names they register are checked."""
         if isinstance(values, dict) and values.get("plugins"):
             registry.load_plugins(list(values["plugins"]))
+        if isinstance(values, dict) and values.get("algorithm", "decomfl") in registry.ALGORITHMS:
+            defaults = registry.algorithm(values.get("algorithm", "decomfl")).defaults
+            values = {**values, **{k: v for k, v in defaults.items() if values.get(k) is None}}
         return values
 
     @field_validator("options", mode="before")
@@ -376,9 +401,16 @@ class RunConfig(BaseModel):
                     " (its clients measure along different pool seeds, so their scalars are "
                     "not coordinates of one vector)"
                     if self.algorithm.startswith("fedkseed")
+                    else " (the majority vote is its rule, robust already: one reply moves a "
+                    "vote by at most one)"
+                    if self.algorithm == "feedsign"
                     else ""
                 )
             )
+        for name in ALGORITHM_ONLY:
+            if getattr(self, name) is not None and name not in spec.defaults:
+                takers = [a for a, sp in registry.ALGORITHMS.items() if name in sp.defaults]
+                raise ValueError(f"{name}: only for {', '.join(takers)}, not {self.algorithm}")
         self._check_options(spec.options | task_spec.options)
         if spec.check is not None:
             spec.check(self)

@@ -38,6 +38,7 @@ DEFINING = (
 """Config fields recorded in the header (ledgers written before a field was added lack it
 and are not checked on it)."""
 HISO = {"beta": "hiso_beta", "eps": "hiso_eps", "update": "hiso_curvature_update"}
+FERRET = ("projections", "server_lr")
 
 
 def ledger_header(cfg: RunConfig, space: ParamSpace) -> dict[str, Any]:
@@ -52,6 +53,7 @@ def ledger_header(cfg: RunConfig, space: ParamSpace) -> dict[str, Any]:
         "hiso": {key: getattr(cfg, field) for key, field in HISO.items()}
         if cfg.algorithm == "hiso"
         else None,
+        **({"ferret": {f: getattr(cfg, f) for f in FERRET}} if cfg.algorithm == "ferret" else {}),
         **({"options": cfg.options} if cfg.options else {}),
     }
 
@@ -73,6 +75,8 @@ def check_header(rd: RunDir, cfg: RunConfig, header: dict[str, Any]) -> RunConfi
         recorded.update({field: header["hiso"][key] for key, field in HISO.items()})
     if stated is not None:
         recorded["arithmetic"] = written
+    if header.get("ferret"):
+        recorded.update(header["ferret"])
     recorded["options"] = header.get("options")  # a plug-in's settings; none: absent
     for field, value in recorded.items():
         ours = stated if field == "arithmetic" else getattr(cfg, field)

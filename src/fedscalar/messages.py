@@ -441,6 +441,118 @@ class SeedProbabilities:
         return cls(rnd, probs)
 
 
+def _pack_signs(signs: np.ndarray) -> bytes:
+    """One bit per value, 1 for +1 and 0 for -1, least significant bit first."""
+    flat = np.asarray(signs).reshape(-1)
+    if not np.isin(flat, (-1.0, 1.0)).all():
+        raise MessageError("signs must each be +1 or -1")
+    return np.packbits(flat > 0, bitorder="little").tobytes()
+
+
+def _unpack_signs(data: memoryview, n: int) -> np.ndarray:
+    bits = np.unpackbits(np.frombuffer(data, np.uint8), count=n, bitorder="little")
+    if n % 8 and data[-1] >> (n % 8):
+        raise MessageError("padding bits after the signs must be zero")
+    return np.where(bits == 1, np.float32(1.0), np.float32(-1.0)).astype(np.float32)
+
+
+_VOTE_CODE = {0.0: 0, 1.0: 1, -1.0: 2}
+
+
+def _pack_votes(votes: np.ndarray) -> bytes:
+    """Two bits per vote (0 -> 00, +1 -> 01, -1 -> 10), least significant bits first."""
+    flat = np.asarray(votes, dtype=np.float32).reshape(-1)
+    try:
+        codes = [_VOTE_CODE[float(v)] for v in flat]
+    except KeyError:
+        raise MessageError("votes must each be -1, 0 or +1") from None
+    out = bytearray(packed_size(len(codes), 2))
+    for i, c in enumerate(codes):
+        out[i // 4] |= c << (2 * (i % 4))
+    return bytes(out)
+
+
+def _unpack_votes(data: memoryview, n: int) -> np.ndarray:
+    raw = bytes(data)
+    codes = [(raw[i // 4] >> (2 * (i % 4))) & 3 for i in range(n)]
+    if 3 in codes:
+        raise MessageError("vote code 3 is not a vote")
+    if n % 4 and raw[-1] >> (2 * (n % 4)):
+        raise MessageError("padding bits after the votes must be zero")
+    return np.array([(0.0, 1.0, -1.0)[c] for c in codes], dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class SignReply:
+    """Client -> server (FeedSign): the sign of each of the K x P directional derivatives,
+    one bit each, and the loss at the start point."""
+
+    TAG: ClassVar[int] = 13
+    HEAD: ClassVar[str] = "<IfBB"
+    round: int
+    loss: float
+    signs: np.ndarray  # float32 +1/-1, shape (K, P)
+
+    @classmethod
+    def encoded_size(cls, k: int, p: int) -> int:
+        return _head_size(cls) + packed_size(k * p, 1)
+
+    def _write(self) -> bytes:
+        k, p = self.signs.shape
+        _check_kp(k, p)
+        _check_u32("round", self.round)
+        return struct.pack(self.HEAD, self.round, self.loss, k, p) + _pack_signs(self.signs)
+
+    @classmethod
+    def _read(cls, r: _Reader) -> SignReply:
+        rnd, loss, k, p = r.unpack(cls.HEAD, "header")
+        signs = _unpack_signs(r.take(packed_size(k * p, 1), "signs"), k * p)
+        return cls(rnd, loss, signs.reshape(k, p))
+
+
+@dataclass(frozen=True)
+class VoteCatchUp:
+    """Server -> client (FeedSign): missed rounds' updates, each its lr, its K seeds and
+    its K x P majority votes (-1, 0 for a tie, +1) at two bits per vote."""
+
+    TAG: ClassVar[int] = 14
+    HEAD: ClassVar[str] = "<IIBB"
+    updates: tuple[GlobalUpdate, ...]
+
+    @classmethod
+    def size(cls, rounds: int, k: int, p: int) -> int:
+        return _head_size(cls) + rounds * (4 + 4 * k + packed_size(k * p, 2))
+
+    def _write(self) -> bytes:
+        if not self.updates:
+            raise MessageError("empty catch-up")
+        k, p = self.updates[0].scalars.shape
+        _check_kp(k, p)
+        first = self.updates[0].round
+        parts = [struct.pack(self.HEAD, first, len(self.updates), k, p)]
+        for i, u in enumerate(self.updates):
+            if u.round != first + i or u.scalars.shape != (k, p) or len(u.seeds) != k:
+                raise MessageError("catch-up updates must be consecutive rounds of one shape")
+            parts += [struct.pack("<f", u.lr), _u32(u.seeds, "seed"), _pack_votes(u.scalars)]
+        return b"".join(parts)
+
+    @classmethod
+    def _read(cls, r: _Reader) -> VoteCatchUp:
+        first, count, k, p = r.unpack(cls.HEAD, "header")
+        if count == 0:
+            raise MessageError("empty catch-up")
+        need = count * (4 + 4 * k + packed_size(k * p, 2))
+        if need != r.left():
+            raise MessageError(f"catch-up of {count} rounds needs {need} bytes, got {r.left()}")
+        updates = []
+        for i in range(count):
+            (lr,) = r.unpack("<f", "lr")
+            seeds = r.u32(k, "seeds")
+            votes = _unpack_votes(r.take(packed_size(k * p, 2), "votes"), k * p)
+            updates.append(GlobalUpdate(first + i, lr, seeds, votes.reshape(k, p)))
+        return cls(tuple(updates))
+
+
 Message = (
     TrainRequest
     | ScalarReply
@@ -454,7 +566,12 @@ Message = (
     | SeedReply
     | SeedSync
     | SeedProbabilities
+    | SignReply
+    | VoteCatchUp
 )
+
+CATCH_UPS = (CatchUp, VoteCatchUp)
+"""Messages that carry missed rounds' global updates (``.updates``)."""
 
 _BY_TAG: dict[int, type] = {}
 
@@ -484,6 +601,8 @@ for _cls in (
     SeedReply,
     SeedSync,
     SeedProbabilities,
+    SignReply,
+    VoteCatchUp,
 ):
     register_message(_cls)
 

@@ -41,7 +41,8 @@ class AlgorithmSpec:
     """``(config, weights, server or None) -> Client``; given the simulator's server, the
     client may share its state (one copy of the model in one process)."""
     lr_family: str = "zo"
-    """Whose default learning rates it takes: ``zo`` (DeComFL's), ``hiso`` or ``fo``."""
+    """Whose default learning rates it takes: ``zo`` (DeComFL's), ``hiso``, ``sign``
+    (FeedSign's) or ``fo``."""
     lr: dict[str, float] = field(default_factory=dict)
     """Default learning rate per image task (text tasks: by family, model and LoRA)."""
     replayable: bool = True
@@ -59,6 +60,9 @@ class AlgorithmSpec:
     options: dict[str, Any] = field(default_factory=dict)
     """Its own settings, by name, with their defaults (``--options name=value``; the
     value takes the default's type); read them with ``cfg.option(name)``."""
+    defaults: dict[str, Any] = field(default_factory=dict)
+    """Config fields whose default differs for this algorithm (``perturbations``), and
+    the algorithm-only fields it takes (``projections``, ``server_lr``) with theirs."""
 
 
 @dataclass(frozen=True)
@@ -144,6 +148,7 @@ _CLIENT = _lazy("fedscalar.algorithms:builtin_client")
 _ROBUST = AGGREGATORS
 _ZO_LR = {"digits": 0.03, "mnist": 0.01}
 _FO_LR = {"digits": 0.3, "mnist": 0.3}
+_SIGN_LR = {"digits": 1e-2, "mnist": 3e-3}
 _COMPRESSED_FO: dict[str, Any] = dict(
     lr_family="fo", lr=_FO_LR, replayable=False, aggregators=AGGREGATORS
 )
@@ -226,6 +231,27 @@ for _spec in (
         _CLIENT,
         lr=_ZO_LR,
         check=_seed_pool_check,
+    ),
+    AlgorithmSpec(
+        "feedsign",
+        "ZO with one sign bit up per direction and a majority vote",
+        _SERVER,
+        _CLIENT,
+        lr_family="sign",
+        lr=_SIGN_LR,
+        runtimes=RUNTIMES,
+        defaults={"perturbations": 1},
+    ),
+    AlgorithmSpec(
+        "ferret",
+        "first-order local steps uploaded as random projections",
+        _SERVER,
+        _CLIENT,
+        lr_family="fo",
+        lr=_FO_LR,
+        runtimes=RUNTIMES,
+        aggregators=_ROBUST,
+        defaults={"projections": 64, "server_lr": 1.0},
     ),
     AlgorithmSpec(
         "mezo",

@@ -8,6 +8,8 @@ from fedscalar.algorithms.base import Client, ClientData, Diverged, RejectedRepl
 from fedscalar.algorithms.compression import make_compressor
 from fedscalar.algorithms.fedavg import FedAvgClient, FedAvgServer
 from fedscalar.algorithms.fedkseed import FedKSeedClient, FedKSeedServer
+from fedscalar.algorithms.feedsign import FeedSignAlgorithm, FeedSignServer
+from fedscalar.algorithms.ferret import FerretAlgorithm, FerretServer
 from fedscalar.algorithms.zo import ZOAlgorithm, ZOClient, ZOServer, ZOSettings, ZOState
 from fedscalar.config import RunConfig
 from fedscalar.messages import GlobalUpdate
@@ -20,7 +22,7 @@ SEED_POOL = ("fedkseed", "fedkseed-pro")
 
 def zo_settings(cfg: RunConfig) -> ZOSettings:
     return ZOSettings(
-        perturbations=cfg.perturbations,
+        perturbations=cfg.projections if cfg.algorithm == "ferret" else cfg.perturbations,
         mu=cfg.mu,
         difference=cfg.difference,
         hiso=cfg.algorithm == "hiso",
@@ -46,6 +48,15 @@ def builtin_server(cfg: RunConfig, space: ParamSpace, history: list[GlobalUpdate
     if cfg.algorithm in SCALAR:
         algo = ZOAlgorithm(zo_settings(cfg))
         return ZOServer(algo, ZOState(space, algo.s.hiso), history, cfg.catch_up, **_robust(cfg))
+    if cfg.algorithm == "feedsign":
+        sign = FeedSignAlgorithm(zo_settings(cfg))
+        return FeedSignServer(sign, ZOState(space, False), history, cfg.catch_up)
+    if cfg.algorithm == "ferret":
+        ferret = FerretAlgorithm(zo_settings(cfg), cfg.local_steps)
+        state = ZOState(space, False)
+        return FerretServer(
+            ferret, state, history, cfg.server_lr, catch_up_mode=cfg.catch_up, **_robust(cfg)
+        )
     if cfg.algorithm in SEED_POOL:
         algo = ZOAlgorithm(zo_settings(cfg))
         pool = schedule.seed_pool(cfg.seed, cfg.seed_pool)
@@ -63,6 +74,15 @@ def builtin_client(cfg: RunConfig, space: ParamSpace, server: Server | None) -> 
             return ZOClient(server.algo, server.state)
         algo = ZOAlgorithm(zo_settings(cfg))
         return ZOClient(algo, ZOState(space, algo.s.hiso))
+    if cfg.algorithm in ("feedsign", "ferret"):
+        if isinstance(server, ZOServer):
+            return ZOClient(server.algo, server.state)
+        algo = (
+            FeedSignAlgorithm(zo_settings(cfg))
+            if cfg.algorithm == "feedsign"
+            else FerretAlgorithm(zo_settings(cfg), cfg.local_steps)
+        )
+        return ZOClient(algo, ZOState(space, False))
     if cfg.algorithm in SEED_POOL:
         pool = schedule.seed_pool(cfg.seed, cfg.seed_pool)
         if isinstance(server, FedKSeedServer):

@@ -7,7 +7,8 @@ reply keeps a valid format, so only the aggregator stands between it and the mod
 - ``gaussian``: every value is replaced by a draw from N(0, scale^2).
 - ``sign-flip``: every value is multiplied by ``-scale``.
 
-For scalar-only methods the values are the uploaded scalars; for the FedAvg family they
+For scalar-only methods the values are the uploaded scalars (FeedSign: the signs, so a
+sign-flip inverts them and gaussian makes them coin flips); for the FedAvg family they
 are the weight change (a quantised one is re-quantised after the attack).
 """
 
@@ -29,6 +30,7 @@ from fedscalar.messages import (
     QuantizedDeltaReply,
     ScalarReply,
     SeedReply,
+    SignReply,
     SparseDeltaReply,
 )
 
@@ -47,6 +49,9 @@ def corrupt(reply: Message, attack: str, scale: float, rng: np.random.Generator)
     """The same reply with its values attacked."""
     if isinstance(reply, ScalarReply | SeedReply):
         return dataclasses.replace(reply, scalars=corrupt_values(reply.scalars, attack, scale, rng))
+    if isinstance(reply, SignReply):  # the attacked values' signs: one bit is all it has
+        bad = corrupt_values(reply.signs, attack, scale, rng)
+        return dataclasses.replace(reply, signs=np.where(bad >= 0, 1.0, -1.0).astype(np.float32))
     if isinstance(reply, DeltaReply | SparseDeltaReply):
         return dataclasses.replace(reply, values=corrupt_values(reply.values, attack, scale, rng))
     if isinstance(reply, QuantizedDeltaReply):

@@ -26,12 +26,14 @@ from fedscalar.algorithms.base import (
     check_values,
 )
 from fedscalar.messages import (
+    CATCH_UPS,
     CatchUp,
     GlobalUpdate,
     Message,
     ScalarReply,
     StateMessage,
     TrainRequest,
+    VoteCatchUp,
     catch_up_size,
     encode,
     state_size,
@@ -155,6 +157,10 @@ class ZOAlgorithm:
             plus_minus.append((fp + fm) / 2)
         return float(np.mean(plus_minus)), g
 
+    def local_value(self, g: np.ndarray) -> np.ndarray:
+        """What a client reports (and steps its own copy by) for derivatives ``g``."""
+        return g
+
     def local_steps(
         self,
         state: ZOState,
@@ -181,7 +187,7 @@ class ZOAlgorithm:
             loss, g = self.measure(state, data, batch, seed, local)
             if k == 0:
                 first_loss = loss
-            scalars[k] = g
+            scalars[k] = self.local_value(g)
             local += [(seed, p, coef * float(scalars[k, p])) for p in range(self.s.perturbations)]
         return first_loss, scalars
 
@@ -216,7 +222,7 @@ class ZOClient(Client):
     def load_replica(self, tensors: dict[str, torch.Tensor], rnd: int) -> None:
         self.state.load_tensors(tensors, rnd)
 
-    def catch_up(self, msg: CatchUp) -> None:
+    def catch_up(self, msg: CatchUp | VoteCatchUp) -> None:
         """Replay the missed global updates (those already applied are skipped)."""
         self.replay(msg.updates)
 
@@ -234,7 +240,7 @@ class ZOClient(Client):
     def handle(self, messages: list[Message], data: ClientData) -> Message:
         reply: Message | None = None
         for msg in messages:
-            if isinstance(msg, CatchUp):
+            if isinstance(msg, CATCH_UPS):
                 self.catch_up(msg)
             elif isinstance(msg, StateMessage):
                 self.load_state(msg)

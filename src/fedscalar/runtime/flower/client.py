@@ -28,6 +28,7 @@ from fedscalar.algorithms.zo import ProtocolError
 from fedscalar.config import RunConfig, build_config_text
 from fedscalar.federation import client_data, client_partitions, resolve_device
 from fedscalar.messages import (
+    CATCH_UPS,
     CatchUp,
     GlobalUpdate,
     MessageError,
@@ -138,7 +139,7 @@ def _note_applied(context: Context, session: Session, messages: list[Any]) -> No
     history = _history(memory)
     applied = int(memory.get("snapshot", 0)) + len(history)
     for msg in messages:
-        if isinstance(msg, CatchUp):
+        if isinstance(msg, CATCH_UPS):
             for update in msg.updates:
                 if update.round == applied + 1:
                     history.append(update)
@@ -167,7 +168,7 @@ def _partition(context: Context, session: Session) -> int:
 def _rounds_assumed(messages: list[Any]) -> int:
     """How many rounds the server assumed this node holds when it wrote ``messages``."""
     first = messages[0] if messages else None
-    if isinstance(first, CatchUp):
+    if isinstance(first, CATCH_UPS):
         return first.updates[0].round - 1
     if isinstance(first, TrainRequest):
         return first.round - 1
