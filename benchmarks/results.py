@@ -133,6 +133,8 @@ def section(out: Path, name: str, jobs: int, train: bool = True) -> str:
     DOCS.joinpath("results").mkdir(exist_ok=True)
     if (out / name / "comparison.png").exists():
         shutil.copy(out / name / "comparison.png", DOCS / "results" / f"{name}.png")
+    if (out / name / "frontier.png").exists():
+        shutil.copy(out / name / "frontier.png", DOCS / "results" / f"{name}-frontier.png")
     first = next(iter(comparison.runs.values()))
     setup = (
         f"{first.clients} clients, {first.sampled} sampled per round, {first.partition} "
@@ -160,7 +162,10 @@ def section(out: Path, name: str, jobs: int, train: bool = True) -> str:
         facts = "\n".join(x for x in (facts, _lm_facts(rows)) if x)
     return (
         f"## {name}\n\n{setup}. Comparison file: `benchmarks/results/{name}.toml`.\n\n"
-        f"{markdown(rows, target)}\n{facts}\n\n![{name}](results/{name}.png)\n"
+        f"{markdown(rows, target)}\n{facts}\n\n![{name}](results/{name}.png)\n\n"
+        f"Final accuracy against the bytes one client exchanged over the run (the "
+        f"frontier joins the methods that no other beats on both):\n\n"
+        f"![{name}: accuracy against bytes](results/{name}-frontier.png)\n"
     )
 
 

@@ -61,6 +61,7 @@ def test_same_federation_for_every_algorithm_and_measured_bytes(tmp_path):
     for a in algos:
         assert f"| {a} |" in table
     assert (tmp_path / "comparison.png").stat().st_size > 10_000
+    assert (tmp_path / "frontier.png").stat().st_size > 10_000
     with open(tmp_path / "results.csv") as f:
         written = {r["algorithm"]: r for r in csv.DictReader(f)}
     assert set(written) == set(algos)
@@ -214,3 +215,20 @@ def test_the_command_prints_the_table_and_where_the_files_are(tmp_path):
     assert "| decomfl |" in result.output and "| hiso |" in result.output
     assert "![" not in result.output  # no markdown image line on a terminal
     assert str(tmp_path / "comparison.png") in result.output
+    assert str(tmp_path / "frontier.png") in result.output
+
+
+def test_an_algorithm_only_option_reaches_only_the_algorithms_that_take_it(tmp_path):
+    comparison = cmp.plan(
+        tmp_path / "out",
+        algorithms=["decomfl", "feedsign", "ferret"],
+        task="digits",
+        projections=16,
+    )
+    assert comparison.runs["ferret", 0].projections == 16
+    assert comparison.runs["decomfl", 0].projections is None
+    assert comparison.runs["feedsign", 0].perturbations == 1  # its own default P
+    spec = tmp_path / "cmp.toml"
+    spec.write_text('algorithms = ["decomfl"]\n[algorithm.decomfl]\nserver_lr = 0.5\n')
+    with pytest.raises(ConfigError, match="server_lr: only for ferret, not decomfl"):
+        cmp.plan(tmp_path / "out2", file=spec)

@@ -227,7 +227,8 @@ def compare(
         raise typer.Exit(130) from None
     path, rows, target = write_report(comparison, _title(comparison))
     typer.echo(markdown(rows, target))
-    typer.echo(f"written: {path}, {path.with_suffix('.csv')}, {path.parent / 'comparison.png'}")
+    pngs = ", ".join(str(path.parent / f) for f in ("comparison.png", "frontier.png"))
+    typer.echo(f"written: {path}, {path.with_suffix('.csv')}, {pngs}")
     failed = [f"{a} seed {s}" for (a, s), r in results.items() if r.get("status") == "error"]
     if failed:
         raise _fail(f"runs failed: {', '.join(failed)} (see their run.log)", code=1)

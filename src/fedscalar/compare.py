@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from fedscalar.config import (
+    ALGORITHM_ONLY,
     ALGORITHMS,
     RESUMABLE_CHANGES,
     ConfigError,
@@ -179,6 +180,9 @@ def plan(
             )
         for seed in own_seeds:
             values = {**base, **table, "algorithm": name, "seed": seed}
+            for field in ALGORITHM_ONLY:  # a shared --projections is for ferret's runs only
+                if field in base and field not in table and field not in ALGORITHMS[name].defaults:
+                    del values[field]
             values["out"] = str(run_folder(Path(out), name, seed))
             if values.get("lr_decay_rounds") is not None:
                 own_horizon.add((name, seed))

@@ -1,4 +1,5 @@
-"""Learning curves: test accuracy against rounds and against cumulative bytes."""
+"""Learning curves (test accuracy against rounds and against cumulative bytes) and the
+accuracy/bytes frontier of a comparison."""
 
 from __future__ import annotations
 
@@ -53,6 +54,39 @@ def plot_comparison(
             ax_b.plot(traffic, mean, color=line.get_color(), label=label)
     start = [c[0]["test_accuracy"] for runs in curves.values() for c in runs if c]
     _finish(fig, ax_r, ax_b, title, "cumulative bytes, up + down, all clients", path, 72, start)
+
+
+def plot_frontier(
+    points: dict[str, tuple[float, float, float]], path: Path, title: str = ""
+) -> None:
+    """Final accuracy (mean ± std over seeds) against the bytes one client sent and
+    received over the run, one point per algorithm, with the methods no other beats on
+    both (fewer bytes and higher accuracy) joined: the frontier to choose a method from."""
+    fig, ax = plt.subplots(figsize=(7.5, 4.6), constrained_layout=True)
+    order = sorted(points.items(), key=lambda kv: (kv[1][0], -kv[1][1]))
+    frontier, best = [], -1.0
+    for label, (traffic, acc, std) in order:
+        ax.errorbar(traffic, acc, yerr=std, fmt="o", capsize=3, label=label)
+        ax.annotate(label, (traffic, acc), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        if acc > best:
+            frontier.append((traffic, acc))
+            best = acc
+    if len(frontier) > 1:
+        xs, ys = zip(*frontier, strict=True)
+        ax.step(xs, ys, where="post", color="grey", lw=1, ls="--", label="frontier")
+    positive = [t for t, _, _ in points.values() if t > 0]
+    if positive:
+        ax.set_xscale("symlog", linthresh=min(positive), linscale=0.3)
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set(
+        xlabel="bytes per client over the run, up + down (log; 0 at left)",
+        ylabel="final test accuracy",
+        title=title,
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
 
 
 def _finish(

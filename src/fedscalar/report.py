@@ -253,16 +253,32 @@ def write_csv(rows: list[Row], path: Path, target: float | None) -> None:
 
 
 def write_report(comparison: Comparison, title: str = "") -> tuple[Path, list[Row], float | None]:
-    """``results.md``, ``results.csv`` and ``comparison.png`` in the comparison folder."""
+    """``results.md``, ``results.csv``, ``comparison.png`` and ``frontier.png`` in the
+    comparison folder."""
     rows, target = collect(comparison, comparison.target)
     out = comparison.out
     table = markdown(rows, target)
     (out / "results.md").write_text(
         f"# {title or 'Comparison'}\n\n{table}\n![accuracy](comparison.png)\n"
+        "![accuracy against bytes](frontier.png)\n"
     )
     write_csv(rows, out / "results.csv", target)
     if rows:
-        from fedscalar.plots import plot_comparison
+        from fedscalar.plots import plot_comparison, plot_frontier
 
         plot_comparison({r.algorithm: r.curves for r in rows}, out / "comparison.png", title)
+        done = [r for r in rows if r.final]
+        if done:
+            plot_frontier(
+                {
+                    r.algorithm: (
+                        r.bytes_up + r.bytes_down,
+                        statistics.mean(r.final),
+                        statistics.stdev(r.final) if len(r.final) > 1 else 0.0,
+                    )
+                    for r in done
+                },
+                out / "frontier.png",
+                title,
+            )
     return out / "results.md", rows, target
