@@ -21,6 +21,7 @@ import statistics
 from pathlib import Path
 
 from fedscalar import compare as cmp
+from fedscalar.config import ALGORITHMS, read_toml
 from fedscalar.report import collect, markdown, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -171,11 +172,15 @@ def section(out: Path, name: str, jobs: int, train: bool = True) -> str:
 
 def robustness(out: Path, jobs: int) -> str:
     results: dict[str, dict[str, str]] = {}
+    listed = read_toml(SPECS / "robust.toml")["algorithms"]
     settings = [("no attack", "mean", {"attack": "none", "attackers": 0})]
     settings += [(agg, agg, {}) for agg in AGGREGATORS]
     for label, agg, extra in settings:
         folder = out / "robust" / label.replace(" ", "-")
-        comparison = cmp.plan(folder, file=SPECS / "robust.toml", aggregator=agg, **extra)
+        takes = [a for a in listed if agg in ALGORITHMS[a].aggregators]  # FeedSign: its vote
+        comparison = cmp.plan(
+            folder, algorithms=takes, file=SPECS / "robust.toml", aggregator=agg, **extra
+        )
         cmp.execute(comparison, jobs, echo=print)
         rows, _ = collect(comparison)
         for r in rows:
@@ -191,7 +196,9 @@ def robustness(out: Path, jobs: int) -> str:
         "2 of 10 clients (fixed ids) send their values times -10; 5 clients per round, 600 "
         "rounds, seed 0. Final test accuracy per server aggregator (`no attack`: the same "
         "runs without attackers, mean). For DeComFL and HiSo the aggregator acts on the K x P "
-        "uploaded scalars, for FedZO and FedAvg on the weight change. Comparison file: "
+        "uploaded scalars, for Ferret on its R coefficients, for FedZO and FedAvg on the "
+        "weight change; FeedSign's rule is its majority vote of one-bit signs (under `mean`; "
+        "the other rules do not apply to it). Comparison file: "
         "`benchmarks/results/robust.toml`.\n\n" + "\n".join(lines) + "\n"
     )
 

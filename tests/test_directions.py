@@ -77,3 +77,9 @@ def test_segments_equal_per_parameter_combinations():
     joined = directions.combination_segments(terms, segments)
     expected = torch.cat([directions.combination(terms, i, 0, n) for i, n in segments])
     assert torch.equal(joined, expected)
+
+
+def test_rows_of_directions_equal_the_directions_one_by_one():
+    rows = directions.rademacher_rows(99, 7, 3, 64, 64 + 1000)
+    for p in range(7):
+        assert torch.equal(rows[p], directions.rademacher(99, p, 3, 64, 64 + 1000))

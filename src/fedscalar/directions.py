@@ -109,6 +109,32 @@ def rademacher(
     return torch.index_select(table, 0, idx).reshape(-1)[: stop - start]
 
 
+def rademacher_rows(
+    seed: int,
+    perturbations: int,
+    param_index: int,
+    start: int,
+    stop: int,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """`rademacher` for perturbations ``0 .. perturbations - 1`` at once, one per row
+    (``perturbations x (stop - start)``): the same values, one vectorised pass."""
+    if start % 32:
+        raise ValueError(f"start must be a multiple of 32, got {start}")
+    device = torch.device(device)
+    table, _ = _tables_for(device, dtype)
+    keys = [stream_key(seed, p, param_index) for p in range(perturbations)]
+    k1 = torch.tensor([k[0] for k in keys], dtype=torch.int64, device=device)[:, None]
+    k2 = torch.tensor([k[1] for k in keys], dtype=torch.int64, device=device)[:, None]
+    n = stop - start
+    words = torch.arange(start // 32, start // 32 + (n + 31) // 32, device=device)
+    hashed = _mix(_mix(words.expand(perturbations, -1).clone(), k1), k2)
+    idx = _bytes(hashed.reshape(-1)).reshape(perturbations, -1)
+    return table[idx].reshape(perturbations, -1)[:, :n]
+
+
 def add_combination_(
     out: torch.Tensor,
     terms: list[tuple[int, int, float]],

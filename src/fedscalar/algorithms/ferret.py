@@ -32,20 +32,24 @@ from fedscalar.algorithms.zo import ProtocolError, ZOAlgorithm, ZOServer, ZOSett
 from fedscalar.messages import GlobalUpdate, ScalarReply, TrainRequest
 from fedscalar.params import ParamSpace
 
+PROJECT_BLOCK = 1 << 22
+"""Direction entries generated at a time while projecting (R rows x a slice): 32 MB."""
+
 
 def project(
     params: list[torch.Tensor], delta: list[torch.Tensor], seed: int, count: int
 ) -> np.ndarray:
-    """``<delta, z(seed, r)>`` for r < ``count``, summed in float64, chunk by chunk."""
-    out = np.zeros(count, dtype=np.float64)
+    """``<delta, z(seed, r)>`` for r < ``count``, in float64, a block of rows at a time."""
+    out = torch.zeros(count, dtype=torch.float64)
+    width = max(32, (PROJECT_BLOCK // count) // 32 * 32)
     for i, (p, d) in enumerate(zip(params, delta, strict=True)):
         flat = d.reshape(-1).double()
-        for start, stop in directions.chunks(p.numel()):
-            part = flat[start:stop]
-            for r in range(count):
-                z = directions.rademacher(seed, r, i, start, stop, device=p.device)
-                out[r] += float(torch.dot(part, z.double()))
-    return out
+        for start, stop in directions.chunks(p.numel(), width):
+            z = directions.rademacher_rows(
+                seed, count, i, start, stop, device=p.device, dtype=torch.float64
+            )
+            out += (z @ flat[start:stop]).cpu()
+    return out.numpy()
 
 
 class FerretAlgorithm(ZOAlgorithm):
