@@ -221,12 +221,16 @@ def test_the_command_prints_the_table_and_where_the_files_are(tmp_path):
 def test_an_algorithm_only_option_reaches_only_the_algorithms_that_take_it(tmp_path):
     comparison = cmp.plan(
         tmp_path / "out",
-        algorithms=["decomfl", "feedsign", "ferret"],
+        algorithms=["decomfl", "ferret", "fedavg"],
         task="digits",
         projections=16,
+        perturbations=3,
     )
     assert comparison.runs["ferret", 0].projections == 16
     assert comparison.runs["decomfl", 0].projections is None
+    assert comparison.runs["decomfl", 0].perturbations == 3
+    assert comparison.runs["fedavg", 0].perturbations == 5  # P is not fedavg's
+    comparison = cmp.plan(tmp_path / "out1", algorithms=["decomfl", "feedsign"], task="digits")
     assert comparison.runs["feedsign", 0].perturbations == 1  # its own default P
     spec = tmp_path / "cmp.toml"
     spec.write_text('algorithms = ["decomfl"]\n[algorithm.decomfl]\nserver_lr = 0.5\n')

@@ -128,6 +128,11 @@ def test_export_cli_writes_the_replayed_weights(tmp_path):
         (["--alpha", "0"], "alpha"),
         (["--config", "no/such/file.toml"], "file not found"),
         (["--model", "resnet"], "model"),
+        (["--algorithm", "decomfl", "--projections", "8"], "projections: only for ferret"),
+        (["--algorithm", "hiso", "--server-lr", "2"], "server_lr: only for ferret"),
+        (["--algorithm", "ferret", "--perturbations", "3"], "perturbations: ferret"),
+        (["--algorithm", "ferret", "--projections", "300"], "projections"),
+        (["--algorithm", "feedsign", "--aggregator", "krum"], "majority vote is its rule"),
     ],
 )
 def test_bad_config_exits_2_with_one_line(tmp_path, args, field):

@@ -180,8 +180,10 @@ def plan(
             )
         for seed in own_seeds:
             values = {**base, **table, "algorithm": name, "seed": seed}
-            for field in ALGORITHM_ONLY:  # a shared --projections is for ferret's runs only
-                if field in base and field not in table and field not in ALGORITHMS[name].defaults:
+            own = ALGORITHMS[name]
+            for field in (*ALGORITHM_ONLY, "perturbations"):  # a shared --projections is
+                takes = field in own.defaults or (field == "perturbations" and own.perturbs)
+                if field in base and field not in table and not takes:  # for ferret's only
                     del values[field]
             values["out"] = str(run_folder(Path(out), name, seed))
             if values.get("lr_decay_rounds") is not None:

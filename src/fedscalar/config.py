@@ -407,6 +407,16 @@ class RunConfig(BaseModel):
                     else ""
                 )
             )
+        default_p = RunConfig.model_fields["perturbations"].default
+        if not spec.perturbs and self.perturbations != default_p:
+            raise ValueError(
+                f"perturbations: {self.algorithm} measures no ZO perturbations"
+                + (
+                    " (it projects on --projections directions)"
+                    if "projections" in spec.defaults
+                    else ""
+                )
+            )
         for name in ALGORITHM_ONLY:
             if getattr(self, name) is not None and name not in spec.defaults:
                 takers = [a for a, sp in registry.ALGORITHMS.items() if name in sp.defaults]

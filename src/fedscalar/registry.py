@@ -60,6 +60,9 @@ class AlgorithmSpec:
     options: dict[str, Any] = field(default_factory=dict)
     """Its own settings, by name, with their defaults (``--options name=value``; the
     value takes the default's type); read them with ``cfg.option(name)``."""
+    perturbs: bool = True
+    """It measures along P perturbations (``perturbations`` applies); a run of one that
+    does not may only leave P at its default."""
     defaults: dict[str, Any] = field(default_factory=dict)
     """Config fields whose default differs for this algorithm (``perturbations``), and
     the algorithm-only fields it takes (``projections``, ``server_lr``) with theirs."""
@@ -150,7 +153,7 @@ _ZO_LR = {"digits": 0.03, "mnist": 0.01}
 _FO_LR = {"digits": 0.3, "mnist": 0.3}
 _SIGN_LR = {"digits": 1e-2, "mnist": 3e-3}
 _COMPRESSED_FO: dict[str, Any] = dict(
-    lr_family="fo", lr=_FO_LR, replayable=False, aggregators=AGGREGATORS
+    lr_family="fo", lr=_FO_LR, replayable=False, aggregators=AGGREGATORS, perturbs=False
 )
 
 
@@ -190,6 +193,7 @@ for _spec in (
         lr_family="fo",
         lr=_FO_LR,
         replayable=False,
+        perturbs=False,
         runtimes=RUNTIMES,
         aggregators=_ROBUST,
     ),
@@ -251,6 +255,7 @@ for _spec in (
         lr=_FO_LR,
         runtimes=RUNTIMES,
         aggregators=_ROBUST,
+        perturbs=False,
         defaults={"projections": 64, "server_lr": 1.0},
     ),
     AlgorithmSpec(
