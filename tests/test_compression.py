@@ -53,7 +53,7 @@ SPARSE = SparseDeltaReply(
 # 5 codes x 3 bits = 15 bits -> 2 bytes
 QUANT = QuantizedDeltaReply(2, 1.5, 5, 3, 0.75, bytes([0xF5, 0x21]))
 SEED_REPLY = SeedReply(4, 0.5, (7, 2**32 - 1), np.arange(6, dtype=np.float32).reshape(2, 3) - 2.5)
-SEED_SYNC = SeedSync(3, np.array([1, 4, 10], np.uint32), np.array([0.5, -1.0, 3.0], np.float32))
+SEED_SYNC = SeedSync(3, 1, np.array([1, 4, 10], np.uint32), np.array([0.5, -1.0, 3.0], np.float32))
 PROBS = SeedProbabilities(1, np.array([0.5, 0.25, 0.25, 0.0], np.float32))
 
 # Sizes from the documented layouts, counted by hand:
@@ -66,7 +66,7 @@ CASES = [
     pytest.param(SPARSE, 17 + 8 * 3, id="sparse"),
     pytest.param(QUANT, 18 + math.ceil(5 * 3 / 8), id="quantized"),
     pytest.param(SEED_REPLY, 11 + 4 * 2 + 4 * 2 * 3, id="seed-reply"),
-    pytest.param(SEED_SYNC, 9 + 8 * 3, id="seed-sync"),
+    pytest.param(SEED_SYNC, 13 + 8 * 3, id="seed-sync"),
     pytest.param(PROBS, 9 + 4 * 4, id="probabilities"),
 ]
 
@@ -97,8 +97,10 @@ def test_empty_sparse_and_seed_sync_round_trip():
     empty = SparseDeltaReply(0, 0.0, 4, np.zeros(0, np.uint32), np.zeros(0, np.float32))
     assert len(encode(empty)) == 17
     _same(empty, decode(encode(empty)))
-    sync = SeedSync(1, np.zeros(0, np.uint32), np.zeros(0, np.float32))
-    assert len(encode(sync)) == 9
+    sync = SeedSync(1, 0, np.zeros(0, np.uint32), np.zeros(0, np.float32))
+    assert len(encode(sync)) == 13
+    with pytest.raises(MessageError, match="from round 1 to 1"):
+        decode(encode(sync)[:5] + struct.pack("<I", 1) + encode(sync)[9:])
     _same(sync, decode(encode(sync)))
 
 
@@ -195,7 +197,7 @@ def test_quantized_bits_at_range_ends_accepted(bits):
 def _sync_bytes(keys):
     c = len(keys)
     return (
-        struct.pack("<BII", 11, 0, c)
+        struct.pack("<BIII", 11, 1, 0, c)
         + struct.pack(f"<{c}I", *keys)
         + struct.pack(f"<{c}f", *([1.0] * c))
     )

@@ -393,13 +393,14 @@ class SeedSync:
     """Server -> client (FedKSeed): what changed in the per-seed accumulators.
 
     ``x += sum_i values[i] * z(pool[keys[i] // P], keys[i] % P)`` brings a client from
-    its last round to ``round``, however many rounds it missed: at most one entry per
+    round ``since`` to ``round``, however many rounds it missed: at most one entry per
     pool direction, so never more than the pool's size.
     """
 
     TAG: ClassVar[int] = 11
-    HEAD: ClassVar[str] = "<II"
+    HEAD: ClassVar[str] = "<III"
     round: int
+    since: int  # the round the receiver holds: the change covers rounds since+1 .. round
     keys: np.ndarray  # uint32, strictly increasing
     values: np.ndarray  # float32
 
@@ -408,15 +409,20 @@ class SeedSync:
         values = np.ascontiguousarray(self.values, dtype="<f4").reshape(-1)
         if keys.size != values.size:
             raise MessageError(f"{keys.size} keys for {values.size} values")
-        return struct.pack(self.HEAD, self.round, keys.size) + keys.tobytes() + values.tobytes()
+        if not 0 <= self.since < self.round:
+            raise MessageError(f"a seed-sync from round {self.since} to {self.round}")
+        head = struct.pack(self.HEAD, self.round, self.since, keys.size)
+        return head + keys.tobytes() + values.tobytes()
 
     @classmethod
     def _read(cls, r: _Reader) -> SeedSync:
-        rnd, count = r.unpack(cls.HEAD, "header")
+        rnd, since, count = r.unpack(cls.HEAD, "header")
+        if since >= rnd:
+            raise MessageError(f"a seed-sync from round {since} to {rnd}")
         keys = r.u32_array(count, "keys")
         if not (keys[1:] > keys[:-1]).all():
             raise MessageError("seed-sync keys must be strictly increasing")
-        return cls(rnd, keys, r.f32(count, "values"))
+        return cls(rnd, since, keys, r.f32(count, "values"))
 
 
 @dataclass(frozen=True)

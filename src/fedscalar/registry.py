@@ -153,7 +153,12 @@ _ZO_LR = {"digits": 0.03, "mnist": 0.01}
 _FO_LR = {"digits": 0.3, "mnist": 0.3}
 _SIGN_LR = {"digits": 1e-2, "mnist": 3e-3}
 _COMPRESSED_FO: dict[str, Any] = dict(
-    lr_family="fo", lr=_FO_LR, replayable=False, aggregators=AGGREGATORS, perturbs=False
+    lr_family="fo",
+    lr=_FO_LR,
+    replayable=False,
+    aggregators=AGGREGATORS,
+    perturbs=False,
+    runtimes=RUNTIMES,
 )
 
 
@@ -219,6 +224,7 @@ for _spec in (
         lr=_ZO_LR,
         replayable=False,
         aggregators=_ROBUST,
+        runtimes=RUNTIMES,
     ),
     AlgorithmSpec(
         "fedkseed",
@@ -227,6 +233,7 @@ for _spec in (
         _CLIENT,
         lr=_ZO_LR,
         check=_seed_pool_check,
+        runtimes=RUNTIMES,
     ),
     AlgorithmSpec(
         "fedkseed-pro",
@@ -235,6 +242,7 @@ for _spec in (
         _CLIENT,
         lr=_ZO_LR,
         check=_seed_pool_check,
+        runtimes=RUNTIMES,
     ),
     AlgorithmSpec(
         "feedsign",

@@ -130,7 +130,9 @@ class Client(ABC):
         """Process the round's messages (catch-up first, then the request) and reply."""
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """Client memory a checkpoint must keep (error-feedback residuals); usually none."""
+        """Client memory a checkpoint must keep (error-feedback residuals); usually none.
+        A key ending in ``::<client id>`` belongs to that client (a Flower node keeps its
+        own between messages)."""
         return {}
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:  # noqa: B027

@@ -81,10 +81,34 @@ class FedKSeedClient(Client):
         self.algo, self.state, self.pool = algo, state, pool
         self.probabilities: np.ndarray | None = None
 
+    # the replica: kept up to date by `SeedSync`, or replayed exactly from the ledger
+    @property
+    def replicates(self) -> bool:
+        return True
+
+    @property
+    def round(self) -> int:
+        return self.state.round
+
+    def replay(self, updates) -> None:
+        for update in updates:
+            if update.round > self.state.round:
+                self.algo.apply(self.state, update)
+
+    def replica_tensors(self) -> dict[str, torch.Tensor]:
+        return self.state.tensors()
+
+    def load_replica(self, tensors: dict[str, torch.Tensor], rnd: int) -> None:
+        self.state.load_tensors(tensors, rnd)
+
     def sync(self, msg: SeedSync) -> None:
         """Apply the accumulated change the server sent (skipped if already there)."""
         if msg.round <= self.state.round:
             return
+        if msg.since != self.state.round:
+            raise ProtocolError(
+                f"a seed-sync from round {msg.since} for a client at round {self.state.round}"
+            )
         p_count = self.algo.s.perturbations
         if msg.keys.size and int(msg.keys[-1]) >= len(self.pool) * p_count:
             raise ProtocolError("a seed-sync key outside the pool")
@@ -156,7 +180,8 @@ class FedKSeedServer(ReplayServer):
                 for p in range(p_count):
                     acc[base + p] = acc.get(base + p, 0.0) + coef * float(u.scalars[e, p])
         keys = np.array(sorted(acc), dtype=np.uint32)
-        return SeedSync(now, keys, np.array([acc[int(k)] for k in keys], dtype=np.float32))
+        values = np.array([acc[int(k)] for k in keys], dtype=np.float32)
+        return SeedSync(now, have, keys, values)
 
     def current_probabilities(self) -> np.ndarray:
         rnd = self.state.round

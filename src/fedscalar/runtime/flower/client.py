@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import safetensors.torch
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
 
@@ -32,7 +33,10 @@ from fedscalar.messages import (
     CatchUp,
     GlobalUpdate,
     MessageError,
+    SeedSync,
+    StateMessage,
     TrainRequest,
+    WeightsMessage,
     decode,
     encode,
 )
@@ -133,9 +137,21 @@ def _session(context: Context, run: str, toml: str | None) -> Session | None:
     return session
 
 
-def _note_applied(context: Context, session: Session, messages: list[Any]) -> None:
-    """Add the catch-up the node just applied to its memory; snapshot now and then."""
+def _load_own_state(context: Context, session: Session) -> None:
+    """Give the client the memory this node kept for its client id (error feedback)."""
+    blob = _memory(context).get("client_state", b"")
+    if blob:
+        client = session.client
+        client.load_state_tensors({**client.state_tensors(), **safetensors.torch.load(blob)})
+
+
+def _note_applied(context: Context, session: Session, messages: list[Any], pid: int) -> None:
+    """Add the catch-up the node just applied to its memory, and the client memory of its
+    client id; snapshot the model now and then."""
     memory = _memory(context)
+    own = {k: v for k, v in session.client.state_tensors().items() if k.endswith(f"::{pid}")}
+    if own:
+        memory["client_state"] = safetensors.torch.save(own)
     history = _history(memory)
     applied = int(memory.get("snapshot", 0)) + len(history)
     for msg in messages:
@@ -145,7 +161,12 @@ def _note_applied(context: Context, session: Session, messages: list[Any]) -> No
                     history.append(update)
                     applied += 1
     client = session.client
-    if client.replicates and len(history) >= SNAPSHOT_EVERY and client.round == applied:
+    # a change it cannot replay from its memory (FedKSeed's seed-sync): snapshot it now
+    unreplayable = any(isinstance(m, SeedSync) for m in messages) and client.round > applied
+    if unreplayable or (
+        client.replicates and len(history) >= SNAPSHOT_EVERY and client.round == applied
+    ):
+        applied = client.round
         path = _snapshot_path(context, str(memory["run"]))
         path.parent.mkdir(parents=True, exist_ok=True)
         RunDir.save_tensors(path, client.replica_tensors(), {"round": str(applied)})
@@ -167,12 +188,16 @@ def _partition(context: Context, session: Session) -> int:
 
 def _rounds_assumed(messages: list[Any]) -> int:
     """How many rounds the server assumed this node holds when it wrote ``messages``."""
-    first = messages[0] if messages else None
-    if isinstance(first, CATCH_UPS):
-        return first.updates[0].round - 1
-    if isinstance(first, TrainRequest):
-        return first.round - 1
-    return 0  # a full state (or FedAvg's weights) fits any node
+    for msg in messages:
+        if isinstance(msg, CATCH_UPS):
+            return msg.updates[0].round - 1
+        if isinstance(msg, SeedSync):
+            return msg.since
+        if isinstance(msg, TrainRequest):
+            return msg.round - 1
+        if isinstance(msg, StateMessage | WeightsMessage):
+            return 0  # a full state (or FedAvg's weights) fits any node
+    return 0
 
 
 def _error(message: Message, e: Exception) -> Message:
@@ -203,8 +228,9 @@ def train(message: Message, context: Context) -> Message:
         if session.round < _rounds_assumed(messages):
             return Message(pack(behind=session.round), reply_to=message)
         data = client_data(session.cfg, session.task, session.parts[pid], pid)
+        _load_own_state(context, session)
         reply = session.client.handle(messages, data)
-        _note_applied(context, session, messages)
+        _note_applied(context, session, messages, pid)
         return Message(pack(reply=encode(reply)), reply_to=message)
     except (MessageError, ProtocolError, ValueError, KeyError, TypeError) as e:
         return _error(message, e)
