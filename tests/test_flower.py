@@ -132,6 +132,30 @@ def test_flower_runtime_matches_the_local_simulator(tmp_path, algorithm):
     assert sum(1 for kind, _ in grid.sent if kind == "train") == 8 * 2
 
 
+@pytest.mark.usefixtures("server_identity")
+def test_a_node_that_missed_its_set_up_query_is_asked_again(tmp_path, monkeypatch):
+    from fedscalar.runtime.flower import server
+
+    class LosesFirstQuery(FakeGrid):
+        lost = False
+
+        def _deliver(self, messages):
+            if not self.lost:
+                kept = [m for m in messages if m.metadata.dst_node_id != 101]
+                if len(kept) < len(messages):
+                    self.lost = True  # node 101's first query never arrives
+                messages = kept
+            return super()._deliver(messages)
+
+    monkeypatch.setattr(server, "QUERY_RETRY", 0.0)
+    grid = LosesFirstQuery(4)
+    out = tmp_path / "flower"
+    cfg = RunConfig(algorithm="decomfl", rounds=4, runtime="flower", out=str(out), **SMALL)
+    _run_on(grid, cfg)
+    assert grid.lost and ("query", 1) in grid.sent
+    assert all(m["replies"] == 2 for m in RunDir(out).read_metrics()[1:])
+
+
 @pytest.mark.parametrize("algorithm", ["fedkseed", "fedkseed-pro"])
 @pytest.mark.usefixtures("server_identity")
 def test_fedkseed_on_flower_agrees_with_the_local_simulator_within_its_tolerance(
@@ -226,10 +250,9 @@ class Hostile(FakeGrid):
         super().__init__(clients)
         self.answer = answer
 
-    def send_and_receive(self, messages, *, timeout=None):
+    def _deliver(self, messages):
         honest = [m for m in messages if not self._hostile(m)]
-        replies = list(super().send_and_receive(honest, timeout=timeout))
-        return replies + [self.answer(m) for m in messages if self._hostile(m)]
+        return super()._deliver(honest) + [self.answer(m) for m in messages if self._hostile(m)]
 
     @staticmethod
     def _hostile(m):

@@ -21,6 +21,12 @@ from fedscalar.runtime.flower.protocol import QUERY, TRAIN, pack, run_key, unpac
 
 log = logging.getLogger("fedscalar")
 
+QUERY_RETRY = 10.0
+"""Seconds after which a set-up query still unanswered is sent again (the node may have
+missed it: a ClientApp that failed to start, a message lost with its node's restart)."""
+REPLY_POLL = 0.02
+"""Seconds between the server's pulls for replies (Flower's `send_and_receive` waits 3 s)."""
+
 
 class FlowerRuntime(Runtime):
     def __init__(self, grid: Grid, run: RunSetup, wait_for_nodes: float | None = None):
@@ -29,7 +35,7 @@ class FlowerRuntime(Runtime):
         self.timeout = run.cfg.reply_timeout
         self.nodes: dict[int, int] = {}  # client id -> node id
         self.queried: set[int] = set()
-        self.pending: dict[str, int] = {}  # set-up query message id -> node id
+        self.pending: dict[str, tuple[int, float]] = {}  # set-up query id -> (node, sent at)
         self._await_nodes(self.timeout if wait_for_nodes is None else wait_for_nodes)
 
     # -- nodes ----------------------------------------------------------------------------
@@ -52,24 +58,34 @@ class FlowerRuntime(Runtime):
         alive = set(self.grid.get_node_ids())
         log.debug("nodes connected: %s", sorted(alive))
         self.nodes = {cid: n for cid, n in self.nodes.items() if n in alive}
+        now = time.monotonic()
+        for mid, (node, sent) in list(self.pending.items()):
+            if now - sent > QUERY_RETRY or node not in alive:
+                del self.pending[mid]  # ask again (if it is still there)
+                self.queried.discard(node)
         new = sorted(alive - self.queried)
         if new:
             self.queried.update(new)
             ids = self.grid.push_messages([self._query_message(n) for n in new])
-            self.pending.update(dict(zip(ids, new, strict=True)))
+            self.pending.update({i: (n, now) for i, n in zip(ids, new, strict=True)})
         if self.pending:
             for answer in self.grid.pull_messages(list(self.pending)):
                 self.pending.pop(answer.metadata.reply_to_message_id, None)
                 self._adopt(answer)
 
     def _query_message(self, node: int) -> Message:
-        return Message(pack(run=self.key, config=self.toml), dst_node_id=node, message_type=QUERY)
+        return Message(
+            pack(run=self.key, config=self.toml),
+            dst_node_id=node,
+            message_type=QUERY,
+            ttl=self.timeout,
+        )
 
     def _query(self, node_ids: Iterable[int]) -> None:
         """Ask nodes who they are and wait for the answers (at most ``reply_timeout`` s)."""
         out = [self._query_message(n) for n in node_ids]
         self.queried.update(m.metadata.dst_node_id for m in out)
-        for answer in self.grid.send_and_receive(out, timeout=self.timeout):
+        for answer in self._send_and_receive(out):
             self._adopt(answer)
 
     def _adopt(self, answer: Message) -> None:
@@ -91,6 +107,21 @@ class FlowerRuntime(Runtime):
         log.info("client %d: node %d set up, holding round %d", cid, node, have)
         self.nodes[cid] = node
         self.server.mark_synced(cid, have)
+
+    def _send_and_receive(self, out: list[Message]) -> list[Message]:
+        """Push ``out`` and pull the replies every `REPLY_POLL` s until all are in or
+        ``reply_timeout`` passes (Grid.send_and_receive polls every 3 s)."""
+        ids = {i for i in self.grid.push_messages(out) if i}
+        deadline = time.monotonic() + self.timeout
+        answers: list[Message] = []
+        while ids and time.monotonic() < deadline:
+            got = self.grid.pull_messages(list(ids))
+            for answer in got:
+                ids.discard(answer.metadata.reply_to_message_id)
+                answers.append(answer)
+            if ids and not got:
+                time.sleep(REPLY_POLL)
+        return answers
 
     # -- rounds ---------------------------------------------------------------------------
     def run_round(self, rnd, lr, seeds, clients) -> RoundTraffic:
@@ -119,12 +150,11 @@ class FlowerRuntime(Runtime):
                 dst_node_id=node,
                 message_type=TRAIN,
                 group_id=str(rnd),
+                ttl=self.timeout,  # a message nobody answered in time is not served later
             )
             out.append(msg)
             sent[node] = cid
-        answers = {
-            a.metadata.src_node_id: a for a in self.grid.send_and_receive(out, timeout=self.timeout)
-        }
+        answers = {a.metadata.src_node_id: a for a in self._send_and_receive(out)}
         again = []
         for node, cid in sent.items():
             answer = answers.get(node)
