@@ -87,10 +87,13 @@ class FakeGrid:
                 continue  # a dead node: no reply within the timeout
             if self.fresh_process:
                 client._SESSIONS.clear()
-            handler = client.query if meta.message_type == "query" else client.train
             self.sent.append((meta.message_type, context.node_config["partition-id"]))
-            replies.append(handler(msg, context))
+            replies.append(self.handle(msg, context))
         return replies
+
+    def handle(self, msg, context):
+        handler = client.query if msg.metadata.message_type == "query" else client.train
+        return handler(msg, context)
 
 
 def _run_on(grid, cfg):
@@ -154,6 +157,45 @@ def test_a_node_that_missed_its_set_up_query_is_asked_again(tmp_path, monkeypatc
     _run_on(grid, cfg)
     assert grid.lost and ("query", 1) in grid.sent
     assert all(m["replies"] == 2 for m in RunDir(out).read_metrics()[1:])
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_deployment_nodes_keep_the_model_in_a_worker_across_messages(tmp_path):
+    """The deployment's ClientApp forwards to one long-lived worker per node: the same
+    ledger as the simulator, the model loaded once per node, a killed worker replaced."""
+    import os
+    import signal
+
+    from fedscalar.runtime.flower import node
+
+    class WorkerGrid(FakeGrid):
+        def handle(self, msg, context):
+            return node.forward(msg, context)
+
+    grid = WorkerGrid(4)
+    for context in grid.contexts.values():
+        context.node_config.update({"cache-dir": str(tmp_path / "cache"), "worker-idle": 60})
+    cfg = RunConfig(algorithm="hiso", rounds=8, **SMALL)
+    run(cfg.model_copy(update={"out": str(tmp_path / "local")}))
+
+    def kill_worker_of_client_1(_grid):
+        context = next(c for c in grid.contexts.values() if c.node_config["partition-id"] == 1)
+        log = node.socket_path(context).with_suffix(".log").read_text()
+        pid = int(log.split("worker pid ")[1].split()[0])
+        os.kill(pid, signal.SIGKILL)
+
+    grid.hooks["5"] = kill_worker_of_client_1
+    try:
+        _run_on(grid, cfg.model_copy(update={"out": str(tmp_path / "flower"), "runtime": "flower"}))
+        _same_run(tmp_path / "local", tmp_path / "flower")
+        logs = {p.name: p.read_text() for p in (tmp_path / "cache").glob("worker-p*.log")}
+        assert sorted(logs) == [f"worker-p{i}.log" for i in range(4)]
+        for name, text in logs.items():  # one model per worker life: one more after a kill
+            lives = 2 if name == "worker-p1.log" else 1
+            assert text.count("worker pid") == lives and text.count("node set up") == lives
+    finally:
+        for sock in (tmp_path / "cache").glob("*.sock"):
+            sock.unlink()  # the workers exit within a second
 
 
 @pytest.mark.parametrize("algorithm", ["fedkseed", "fedkseed-pro"])

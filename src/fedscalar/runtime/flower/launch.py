@@ -150,9 +150,13 @@ class LocalDeployment:
                 "--port",
                 str(free_port()),
                 "--node-config",
-                f"partition-id={i} num-partitions={self.n}",
+                f"partition-id={i} num-partitions={self.n} cache-dir='{self.node_cache(i)}'",
             ],
         )
+
+    def node_cache(self, i: int) -> Path:
+        """Node ``i``'s own folder: its worker's socket and log, its model snapshots."""
+        return self.home / f"node{i}"
 
     def kill_node(self, i: int, sig: int = signal.SIGKILL) -> None:
         self._stop(f"supernode{i}", sig)
@@ -160,6 +164,8 @@ class LocalDeployment:
     def stop(self) -> None:
         for name in [n for n in self.procs if n != "superlink"] + ["superlink"]:
             self._stop(name)
+        for sock in self.home.glob("node*/worker-*.sock"):
+            sock.unlink()  # the node workers exit within a second
 
     def __enter__(self) -> LocalDeployment:
         try:
