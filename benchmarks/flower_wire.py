@@ -23,7 +23,7 @@ from pathlib import Path
 
 from fedscalar.runtime.flower.launch import LocalDeployment, free_port
 
-TUNED = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.05"}
+TUNED = {"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.02"}
 
 
 class CountingProxy:
@@ -94,6 +94,12 @@ def measure(nodes: int, rounds: int, env: dict[str, str], idle_s: float) -> dict
             dep.wait_for(out, patience=60)
         finally:
             dep.stop()
+        handled = [
+            float(line.split(" in ")[1].split()[0])
+            for log in (home / "deployment").glob("node*/worker-*.log")
+            for line in log.read_text().splitlines()
+            if line.startswith("handled a message")
+        ]
         metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     first, last = min(marks), max(marks)
     n_rounds = last - first
@@ -105,6 +111,7 @@ def measure(nodes: int, rounds: int, env: dict[str, str], idle_s: float) -> dict
     return {
         "rounds measured": n_rounds,
         "s/round (median)": statistics.median(m["round_seconds"] for m in trained),
+        "node compute s (median)": statistics.median(handled) if handled else float("nan"),
         "payload up B": payload_up,
         "payload down B": payload_down,
         "wire up B": wire_up,
@@ -122,7 +129,7 @@ def main() -> None:
     args = ap.parse_args()
     rows = {
         "default polling": measure(args.nodes, args.rounds, {}, args.idle),
-        "tuned (FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.05)": measure(
+        "tuned (FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.02)": measure(
             args.nodes, args.rounds, TUNED, args.idle
         ),
     }

@@ -101,9 +101,14 @@ def serve(path: Path, idle: float = IDLE_SECONDS) -> None:
             last = time.monotonic()
             with conn:
                 try:
-                    send_frames(conn, *handle(*recv_frames(conn, 2)))
+                    request = recv_frames(conn, 2)
+                    start = time.perf_counter()
+                    answer = handle(*request)
+                    took = time.perf_counter() - start
+                    send_frames(conn, *answer)
                 except (ConnectionError, struct.error):
                     continue  # the ClientApp went away: it will send again
+                print(f"handled a message in {took:.4f} s", flush=True)
     finally:
         listener.close()
         path.unlink(missing_ok=True)
