@@ -51,7 +51,11 @@ def _ratio(rows, a: str, b: str) -> str:
     round_a, round_b = (by[x].up_per_round + by[x].down_per_round for x in (a, b))
     if not run_a or not round_a:
         return "-"
-    return f"{run_b / run_a:,.0f}x over the runs, {round_b / round_a:,.0f}x per client-round"
+    return f"{_x(run_b / run_a)} over the runs, {_x(round_b / round_a)} per client-round"
+
+
+def _x(ratio: float) -> str:
+    return f"{ratio:,.0f}x" if ratio >= 10 else f"{ratio:.2f}x"
 
 
 def _facts(rows) -> str:
@@ -59,14 +63,14 @@ def _facts(rows) -> str:
     by = {r.algorithm: r for r in rows}
     out = []
     if "decomfl" in by:
-        for ref in ("fedavg", "fedzo", "fedkseed"):
+        for ref in ("fedavg", "fedzo", "fedkseed", "ferret", "feedsign"):
             if ref in by:
                 out.append(
                     f"- {ref}: DeComFL's bytes per client (up + down) times "
                     f"{_ratio(rows, 'decomfl', ref)}."
                 )
         d = statistics.mean(by["decomfl"].final)
-        for ref in ("fedavg", "fedzo", "mezo", "hiso"):
+        for ref in ("fedavg", "fedzo", "mezo", "hiso", "ferret", "feedsign"):
             if ref in by:
                 gap = statistics.mean(by[ref].final) - d
                 out.append(f"- {ref} final accuracy minus DeComFL's: {gap:+.3f}.")
