@@ -57,23 +57,32 @@ def plot_comparison(
 
 
 def plot_frontier(
-    points: dict[str, tuple[float, float, float]], path: Path, title: str = ""
+    points: dict[str, tuple[float, float, float]],
+    path: Path,
+    title: str = "",
+    reference: set[str] | frozenset[str] = frozenset(),
 ) -> None:
     """Final accuracy (mean ± std over seeds) against the bytes one client sent and
     received over the run, one point per algorithm, with the methods no other beats on
-    both (fewer bytes and higher accuracy) joined: the frontier to choose a method from."""
+    both (fewer bytes and higher accuracy) joined: the frontier to choose a method from.
+    ``reference`` points (centralised MeZO: no federation) are drawn hollow, off the
+    frontier."""
     fig, ax = plt.subplots(figsize=(7.5, 4.6), constrained_layout=True)
     order = sorted(points.items(), key=lambda kv: (kv[1][0], -kv[1][1]))
     frontier, best = [], -1.0
-    for label, (traffic, acc, std) in order:
-        ax.errorbar(traffic, acc, yerr=std, fmt="o", capsize=3, label=label)
-        ax.annotate(label, (traffic, acc), textcoords="offset points", xytext=(5, 4), fontsize=8)
-        if acc > best:
+    for k, (label, (traffic, acc, std)) in enumerate(order):
+        hollow = label in reference
+        ax.errorbar(traffic, acc, yerr=std, fmt="o", capsize=3, mfc="none" if hollow else None)
+        text = f"{label} (centralised)" if hollow else label
+        offset = (5, 4) if k % 2 == 0 else (5, -10)  # alternate: neighbours stay legible
+        ax.annotate(text, (traffic, acc), textcoords="offset points", xytext=offset, fontsize=8)
+        if not hollow and acc > best:
             frontier.append((traffic, acc))
             best = acc
     if len(frontier) > 1:
         xs, ys = zip(*frontier, strict=True)
         ax.step(xs, ys, where="post", color="grey", lw=1, ls="--", label="frontier")
+        ax.legend(fontsize=8, loc="lower right")
     positive = [t for t, _, _ in points.values() if t > 0]
     if positive:
         ax.set_xscale("symlog", linthresh=min(positive), linscale=0.3)
@@ -84,7 +93,6 @@ def plot_frontier(
         title=title,
     )
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
     fig.savefig(path, dpi=80)
     plt.close(fig)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fedscalar.compare import Comparison
+from fedscalar.config import ALGORITHMS
 from fedscalar.rundir import RunDir
 
 
@@ -280,5 +281,6 @@ def write_report(comparison: Comparison, title: str = "") -> tuple[Path, list[Ro
                 },
                 out / "frontier.png",
                 title,
+                reference={r.algorithm for r in done if ALGORITHMS[r.algorithm].pooled},
             )
     return out / "results.md", rows, target
