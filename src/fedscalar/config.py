@@ -41,7 +41,7 @@ TEXT_LR: dict[tuple[str, str, bool], float] = {
     ("zo", "smollm2-135m", False): 1e-5,
     ("hiso", "smollm2-135m", False): 1e-5,
     ("fo", "smollm2-135m", False): 1e-4,
-    ("sign", "minilm-l6", True): 1e-3,
+    ("sign", "minilm-l6", True): 3e-3,
     ("sign", "smollm2-135m", True): 1e-3,
     ("sign", "*", True): 1e-3,
     ("sign", "*", False): 1e-6,
