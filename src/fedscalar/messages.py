@@ -178,8 +178,21 @@ class CatchUp:
     updates: tuple[GlobalUpdate, ...]
 
     @classmethod
+    def round_size(cls, k: int, p: int) -> int:
+        """Bytes of one round's entry."""
+        return GlobalUpdate.body_size(k, p)
+
+    @staticmethod
+    def _write_round(u: GlobalUpdate) -> bytes:
+        return u._body()
+
+    @staticmethod
+    def _read_round(r: _Reader, rnd: int, k: int, p: int) -> GlobalUpdate:
+        return GlobalUpdate._read_body(r, rnd, k, p)
+
+    @classmethod
     def size(cls, rounds: int, k: int, p: int) -> int:
-        return _head_size(cls) + rounds * GlobalUpdate.body_size(k, p)
+        return _head_size(cls) + rounds * cls.round_size(k, p)
 
     def _write(self) -> bytes:
         if not self.updates:
@@ -191,7 +204,7 @@ class CatchUp:
         for i, u in enumerate(self.updates):
             if u.round != first + i or u.scalars.shape != (k, p) or len(u.seeds) != k:
                 raise MessageError("catch-up updates must be consecutive rounds of one shape")
-            parts.append(u._body())
+            parts.append(self._write_round(u))
         return b"".join(parts)
 
     @classmethod
@@ -199,10 +212,10 @@ class CatchUp:
         first, count, k, p = r.unpack(cls.HEAD, "header")
         if count == 0:
             raise MessageError("empty catch-up")
-        need = count * GlobalUpdate.body_size(k, p)
+        need = count * cls.round_size(k, p)
         if need != r.left():
             raise MessageError(f"catch-up of {count} rounds needs {need} bytes, got {r.left()}")
-        return cls(tuple(GlobalUpdate._read_body(r, first + i, k, p) for i in range(count)))
+        return cls(tuple(cls._read_round(r, first + i, k, p) for i in range(count)))
 
 
 @dataclass(frozen=True)
@@ -517,46 +530,26 @@ class SignReply:
 
 
 @dataclass(frozen=True)
-class VoteCatchUp:
-    """Server -> client (FeedSign): missed rounds' updates, each its lr, its K seeds and
-    its K x P majority votes (-1, 0 for a tie, +1) at two bits per vote."""
+class VoteCatchUp(CatchUp):
+    """Server -> client (FeedSign): `CatchUp` with each round's K x P majority votes (-1,
+    0 for a tie, +1) at two bits per vote after its lr and K seeds."""
 
     TAG: ClassVar[int] = 14
-    HEAD: ClassVar[str] = "<IIBB"
-    updates: tuple[GlobalUpdate, ...]
 
     @classmethod
-    def size(cls, rounds: int, k: int, p: int) -> int:
-        return _head_size(cls) + rounds * (4 + 4 * k + packed_size(k * p, 2))
+    def round_size(cls, k: int, p: int) -> int:
+        return 4 + 4 * k + packed_size(k * p, 2)
 
-    def _write(self) -> bytes:
-        if not self.updates:
-            raise MessageError("empty catch-up")
-        k, p = self.updates[0].scalars.shape
-        _check_kp(k, p)
-        first = self.updates[0].round
-        parts = [struct.pack(self.HEAD, first, len(self.updates), k, p)]
-        for i, u in enumerate(self.updates):
-            if u.round != first + i or u.scalars.shape != (k, p) or len(u.seeds) != k:
-                raise MessageError("catch-up updates must be consecutive rounds of one shape")
-            parts += [struct.pack("<f", u.lr), _u32(u.seeds, "seed"), _pack_votes(u.scalars)]
-        return b"".join(parts)
+    @staticmethod
+    def _write_round(u: GlobalUpdate) -> bytes:
+        return struct.pack("<f", u.lr) + _u32(u.seeds, "seed") + _pack_votes(u.scalars)
 
-    @classmethod
-    def _read(cls, r: _Reader) -> VoteCatchUp:
-        first, count, k, p = r.unpack(cls.HEAD, "header")
-        if count == 0:
-            raise MessageError("empty catch-up")
-        need = count * (4 + 4 * k + packed_size(k * p, 2))
-        if need != r.left():
-            raise MessageError(f"catch-up of {count} rounds needs {need} bytes, got {r.left()}")
-        updates = []
-        for i in range(count):
-            (lr,) = r.unpack("<f", "lr")
-            seeds = r.u32(k, "seeds")
-            votes = _unpack_votes(r.take(packed_size(k * p, 2), "votes"), k * p)
-            updates.append(GlobalUpdate(first + i, lr, seeds, votes.reshape(k, p)))
-        return cls(tuple(updates))
+    @staticmethod
+    def _read_round(r: _Reader, rnd: int, k: int, p: int) -> GlobalUpdate:
+        (lr,) = r.unpack("<f", "lr")
+        seeds = r.u32(k, "seeds")
+        votes = _unpack_votes(r.take(packed_size(k * p, 2), "votes"), k * p)
+        return GlobalUpdate(rnd, lr, seeds, votes.reshape(k, p))
 
 
 Message = (
@@ -575,9 +568,6 @@ Message = (
     | SignReply
     | VoteCatchUp
 )
-
-CATCH_UPS = (CatchUp, VoteCatchUp)
-"""Messages that carry missed rounds' global updates (``.updates``)."""
 
 _BY_TAG: dict[int, type] = {}
 

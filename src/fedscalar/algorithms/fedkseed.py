@@ -27,13 +27,12 @@ import torch
 
 from fedscalar import directions, schedule
 from fedscalar.algorithms.base import (
-    Client,
     ClientData,
     RejectedReply,
     check_round,
     check_values,
 )
-from fedscalar.algorithms.zo import ProtocolError, ReplayServer, ZOAlgorithm, ZOState
+from fedscalar.algorithms.zo import ProtocolError, ReplayServer, ZOAlgorithm, ZOClient, ZOState
 from fedscalar.messages import (
     GlobalUpdate,
     Message,
@@ -76,30 +75,14 @@ def probabilities(amp_sum: np.ndarray, amp_count: np.ndarray) -> np.ndarray:
     return (e / e.sum()).astype(np.float32)
 
 
-class FedKSeedClient(Client):
+class FedKSeedClient(ZOClient):
+    """A ZO client whose replica is kept up to date by `SeedSync` (or replayed exactly
+    from the ledger, as `ZOClient` does)."""
+
     def __init__(self, algo: ZOAlgorithm, state: ZOState, pool: tuple[int, ...]):
-        self.algo, self.state, self.pool = algo, state, pool
+        super().__init__(algo, state)
+        self.pool = pool
         self.probabilities: np.ndarray | None = None
-
-    # the replica: kept up to date by `SeedSync`, or replayed exactly from the ledger
-    @property
-    def replicates(self) -> bool:
-        return True
-
-    @property
-    def round(self) -> int:
-        return self.state.round
-
-    def replay(self, updates) -> None:
-        for update in updates:
-            if update.round > self.state.round:
-                self.algo.apply(self.state, update)
-
-    def replica_tensors(self) -> dict[str, torch.Tensor]:
-        return self.state.tensors()
-
-    def load_replica(self, tensors: dict[str, torch.Tensor], rnd: int) -> None:
-        self.state.load_tensors(tensors, rnd)
 
     def sync(self, msg: SeedSync) -> None:
         """Apply the accumulated change the server sent (skipped if already there)."""

@@ -23,9 +23,7 @@ import numpy as np
 from fedscalar.algorithms.base import RejectedReply, check_round, check_values
 from fedscalar.algorithms.zo import ZOAlgorithm, ZOServer
 from fedscalar.messages import (
-    CatchUp,
     GlobalUpdate,
-    Message,
     SignReply,
     TrainRequest,
     VoteCatchUp,
@@ -60,9 +58,7 @@ class FeedSignAlgorithm(ZOAlgorithm):
 class FeedSignServer(ZOServer):
     """Takes the majority vote of the sign replies; catch-up carries votes at 2 bits."""
 
-    def messages_for(self, client_id, rnd, lr, seeds) -> list[Message]:
-        msgs = super().messages_for(client_id, rnd, lr, seeds)
-        return [VoteCatchUp(m.updates) if isinstance(m, CatchUp) else m for m in msgs]
+    CATCH_UP = VoteCatchUp
 
     def max_reply_bytes(self, seeds):
         return SignReply.encoded_size(*self._shape(seeds))

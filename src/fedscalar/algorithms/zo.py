@@ -26,15 +26,12 @@ from fedscalar.algorithms.base import (
     check_values,
 )
 from fedscalar.messages import (
-    CATCH_UPS,
     CatchUp,
     GlobalUpdate,
     Message,
     ScalarReply,
     StateMessage,
     TrainRequest,
-    VoteCatchUp,
-    catch_up_size,
     encode,
     state_size,
 )
@@ -222,7 +219,7 @@ class ZOClient(Client):
     def load_replica(self, tensors: dict[str, torch.Tensor], rnd: int) -> None:
         self.state.load_tensors(tensors, rnd)
 
-    def catch_up(self, msg: CatchUp | VoteCatchUp) -> None:
+    def catch_up(self, msg: CatchUp) -> None:
         """Replay the missed global updates (those already applied are skipped)."""
         self.replay(msg.updates)
 
@@ -240,7 +237,7 @@ class ZOClient(Client):
     def handle(self, messages: list[Message], data: ClientData) -> Message:
         reply: Message | None = None
         for msg in messages:
-            if isinstance(msg, CATCH_UPS):
+            if isinstance(msg, CatchUp):
                 self.catch_up(msg)
             elif isinstance(msg, StateMessage):
                 self.load_state(msg)
@@ -293,6 +290,9 @@ class ReplayServer(Server):
 class ZOServer(ReplayServer):
     """Aggregates scalars, applies the update, and serves catch-up from the ledger."""
 
+    CATCH_UP: type[CatchUp] = CatchUp
+    """The message a client that missed rounds gets them in."""
+
     def __init__(
         self,
         algo: ZOAlgorithm,
@@ -313,12 +313,12 @@ class ZOServer(ReplayServer):
         if have < rnd - 1:
             k, p = len(seeds), self.algo.s.perturbations
             hiso = self.state.curvature is not None
-            if self.catch_up_mode == "auto" and state_size(self.space.numel, hiso) < catch_up_size(
-                rnd - 1 - have, k, p
-            ):
+            if self.catch_up_mode == "auto" and state_size(
+                self.space.numel, hiso
+            ) < self.CATCH_UP.size(rnd - 1 - have, k, p):
                 msgs.append(self._state_message())
             else:
-                msgs.append(CatchUp(tuple(self.history[have : rnd - 1])))
+                msgs.append(self.CATCH_UP(tuple(self.history[have : rnd - 1])))
         msgs.append(TrainRequest(rnd, lr, tuple(seeds)))
         return msgs
 

@@ -29,7 +29,6 @@ from fedscalar.algorithms.zo import ProtocolError
 from fedscalar.config import RunConfig, build_config_text
 from fedscalar.federation import client_data, client_partitions, resolve_device
 from fedscalar.messages import (
-    CATCH_UPS,
     CatchUp,
     GlobalUpdate,
     MessageError,
@@ -155,7 +154,7 @@ def _note_applied(context: Context, session: Session, messages: list[Any], pid: 
     history = _history(memory)
     applied = int(memory.get("snapshot", 0)) + len(history)
     for msg in messages:
-        if isinstance(msg, CATCH_UPS):
+        if isinstance(msg, CatchUp):
             for update in msg.updates:
                 if update.round == applied + 1:
                     history.append(update)
@@ -189,7 +188,7 @@ def _partition(context: Context, session: Session) -> int:
 def _rounds_assumed(messages: list[Any]) -> int:
     """How many rounds the server assumed this node holds when it wrote ``messages``."""
     for msg in messages:
-        if isinstance(msg, CATCH_UPS):
+        if isinstance(msg, CatchUp):
             return msg.updates[0].round - 1
         if isinstance(msg, SeedSync):
             return msg.since
