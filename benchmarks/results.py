@@ -10,6 +10,12 @@ number of times). ``--only`` picks sections; ``--report-only`` tabulates the run
 as they got without training more. Each section is kept in docs/results/<name>.md with
 its plot, and the page is recomposed from all of them after each section, so sections
 not regenerated keep their last tables.
+
+Each finished run also leaves a record of a few kB (config, summary, the evaluated rounds)
+in benchmarks/results/records/<name>/, kept with the code: a regeneration puts records in
+place of missing run folders, so a section's tables and plots survive the loss of ``--out``
+and a comparison of many long runs can be finished over many sessions, on any machine.
+A record of other settings (say, a changed default) is left out and its run trains again.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ from pathlib import Path
 
 from fedscalar import compare as cmp
 from fedscalar.config import ALGORITHMS, read_toml
-from fedscalar.report import collect, markdown, write_report
+from fedscalar.report import collect, markdown, restore_records, write_records, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = ROOT / "benchmarks" / "results"
@@ -40,6 +46,7 @@ SECTIONS = (
 """The page's sections in order (``sentiment``: the earlier 200-round MiniLM table)."""
 AGGREGATORS = ("mean", "median", "trimmed-mean", "krum")
 READING = SPECS / "reading.md"
+RECORDS = SPECS / "records"
 
 
 def _ratio(rows, a: str, b: str) -> str:
@@ -130,10 +137,19 @@ def _first(comparison, algorithm: str):
     return next(c for (n, _), c in comparison.runs.items() if n == algorithm)
 
 
+def _planned(folder: Path, records: Path, **options) -> cmp.Comparison:
+    """The comparison in ``folder``, with the records of its finished runs put back."""
+    comparison = cmp.plan(folder, **options)
+    if restore_records(comparison, records):
+        comparison = cmp.plan(folder, **options)
+    return comparison
+
+
 def section(out: Path, name: str, jobs: int, train: bool = True) -> str:
-    comparison = cmp.plan(out / name, file=SPECS / f"{name}.toml")
+    comparison = _planned(out / name, RECORDS / name, file=SPECS / f"{name}.toml")
     if train:
         cmp.execute(comparison, jobs, echo=print, threads=1)
+    write_records(comparison, RECORDS / name)
     _, rows, target = write_report(comparison, name)
     DOCS.joinpath("results").mkdir(exist_ok=True)
     if (out / name / "comparison.png").exists():
@@ -182,10 +198,12 @@ def robustness(out: Path, jobs: int) -> str:
     for label, agg, extra in settings:
         folder = out / "robust" / label.replace(" ", "-")
         takes = [a for a in listed if agg in ALGORITHMS[a].aggregators]  # FeedSign: its vote
-        comparison = cmp.plan(
-            folder, algorithms=takes, file=SPECS / "robust.toml", aggregator=agg, **extra
+        records = RECORDS / "robust" / folder.name
+        comparison = _planned(
+            folder, records, algorithms=takes, file=SPECS / "robust.toml", aggregator=agg, **extra
         )
         cmp.execute(comparison, jobs, echo=print)
+        write_records(comparison, records)
         rows, _ = collect(comparison)
         for r in rows:
             results.setdefault(r.algorithm, {})[label] = f"{statistics.mean(r.final):.3f}" + (
@@ -243,7 +261,9 @@ def write_page() -> None:
         "Accuracy is mean ± std over seeds; bytes are the encoded messages' payload per "
         "client over the whole run (catch-up included); peak MB is the training process's "
         "peak resident memory; rounds and hours are each run's, over all the sessions it "
-        "took.\n\n" + reading + "\n" + body
+        "took. Each finished run is kept as a record of a few kB in `benchmarks/results/records/`, "
+        "so the tables can be redrawn, and a comparison completed, after its run folders are gone."
+        "\n\n" + reading + "\n" + body
     )
 
 

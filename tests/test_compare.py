@@ -236,3 +236,48 @@ def test_an_algorithm_only_option_reaches_only_the_algorithms_that_take_it(tmp_p
     spec.write_text('algorithms = ["decomfl"]\n[algorithm.decomfl]\nserver_lr = 0.5\n')
     with pytest.raises(ConfigError, match="server_lr: only for ferret, not decomfl"):
         cmp.plan(tmp_path / "out2", file=spec)
+
+
+def test_records_rebuild_the_report_once_the_run_folders_are_gone(tmp_path):
+    from fedscalar.report import RECORD_DROPS, collect, restore_records, write_records
+
+    comparison = cmp.plan(tmp_path / "cmp", ["decomfl", "fedavg"], [0, 1], **FAST)
+    cmp.execute(comparison, jobs=2, echo=lambda _: None)
+    rows, _ = collect(comparison, target=0.5)
+    assert write_records(comparison, tmp_path / "records") == 4
+    record = cmp.run_folder(tmp_path / "records", "decomfl", 0)
+    assert sorted(p.name for p in record.iterdir()) == [
+        "config.toml",
+        "metrics.jsonl",
+        "summary.json",
+    ]
+    assert [m["round"] for m in RunDir(record).read_metrics()] == [0, 4, 8]  # evaluated rounds
+
+    # the folders are lost; a fresh plan restores the records, and nothing trains again
+    again = cmp.plan(tmp_path / "new", ["decomfl", "fedavg"], [0, 1], **FAST)
+    assert restore_records(again, tmp_path / "records", echo=lambda _: None) == 4
+    assert {cmp.state_of(again.folder(n, s), c) for (n, s), c in again.runs.items()} == {"done"}
+    restored, _ = collect(cmp.plan(tmp_path / "new", ["decomfl", "fedavg"], [0, 1], **FAST), 0.5)
+    for a, b in zip(rows, restored, strict=True):
+        assert (a.final, a.best, a.to_target, a.bytes_up, a.bytes_down, a.rounds, a.hours) == (
+            b.final,
+            b.best,
+            b.to_target,
+            b.bytes_up,
+            b.bytes_down,
+            b.rounds,
+            b.hours,
+        )
+        thinned = [
+            [{k: v for k, v in h.items() if k not in RECORD_DROPS} for h in c] for c in a.curves
+        ]
+        assert b.curves == thinned  # every evaluated round, all but the sampled ids
+
+    # a record of other settings or of fewer rounds is left out: that run trains again
+    said: list[str] = []
+    other = cmp.plan(tmp_path / "other", ["decomfl"], [0], **{**FAST, "lr": 0.5})
+    longer = cmp.plan(tmp_path / "longer", ["decomfl"], [0], **{**FAST, "rounds": 12})
+    assert restore_records(other, tmp_path / "records", echo=said.append) == 0
+    assert restore_records(longer, tmp_path / "records", echo=said.append) == 0
+    assert "lr=" in said[0] and "not finished" in said[1]
+    assert not other.folder("decomfl", 0).exists()

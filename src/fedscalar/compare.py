@@ -208,22 +208,30 @@ def _check_existing(comparison: Comparison, own_horizon: set[tuple[str, int]]) -
         rd = RunDir(comparison.folder(name, seed))
         if not rd.exists():
             continue
-        stored = build_config(rd.config)
-        # the arithmetic its ledger was written with, and the run's own divergence back-offs
-        stored = stored.model_copy(update={"arithmetic": _written_with(rd, stored)})
-        kept = {"lr_scale": stored.lr_scale, "arithmetic": stored.arithmetic}
-        if (name, seed) not in own_horizon:
-            kept["lr_decay_rounds"] = stored.lr_decay_rounds
-        cfg = cfg.model_copy(update=kept)
+        cfg, clash = reconcile(rd, cfg, keep_horizon=(name, seed) not in own_horizon)
         comparison.runs[name, seed] = cfg
-        for field in RunConfig.model_fields:
-            if field in CONTINUABLE:
-                continue
-            if getattr(stored, field) != getattr(cfg, field):
-                raise ConfigError(
-                    f"out: {rd.path} was run with {field}={getattr(stored, field)!r}, this "
-                    f"comparison asks for {getattr(cfg, field)!r}; use another --out"
-                )
+        if clash:
+            raise ConfigError(f"out: {rd.path} was run with {clash}; use another --out")
+
+
+def reconcile(rd: RunDir, cfg: RunConfig, keep_horizon: bool = True) -> tuple[RunConfig, str]:
+    """``cfg`` with what an existing run folder keeps of its own (its arithmetic, its
+    divergence back-offs' ``lr_scale`` and, with ``keep_horizon``, its decay horizon);
+    and the first setting in which the folder differs from it ("" when none does)."""
+    stored = build_config(rd.config)
+    # the arithmetic its ledger was written with, and the run's own divergence back-offs
+    stored = stored.model_copy(update={"arithmetic": _written_with(rd, stored)})
+    kept = {"lr_scale": stored.lr_scale, "arithmetic": stored.arithmetic}
+    if keep_horizon:
+        kept["lr_decay_rounds"] = stored.lr_decay_rounds
+    cfg = cfg.model_copy(update=kept)
+    for field in RunConfig.model_fields:
+        if field not in CONTINUABLE and getattr(stored, field) != getattr(cfg, field):
+            return cfg, (
+                f"{field}={getattr(stored, field)!r}, this comparison asks for "
+                f"{getattr(cfg, field)!r}"
+            )
+    return cfg, ""
 
 
 def _written_with(rd: RunDir, stored: RunConfig) -> str:

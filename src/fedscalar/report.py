@@ -1,18 +1,21 @@
 """Tables and plots of a comparison, read back from its run folders.
 
 Everything here is computed from each run's ``metrics.jsonl`` and ``summary.json``, so
-a report can be redrawn at any time, also from a comparison still in progress.
+a report can be redrawn at any time, also from a comparison still in progress, and from
+the few kB of a finished run's record (`write_records`) once its folder is gone.
 """
 
 from __future__ import annotations
 
 import csv
+import json
+import shutil
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedscalar.compare import Comparison
+from fedscalar.compare import Comparison, reconcile, run_folder, state_of
 from fedscalar.config import ALGORITHMS
 from fedscalar.rundir import RunDir
 
@@ -284,3 +287,56 @@ def write_report(comparison: Comparison, title: str = "") -> tuple[Path, list[Ro
                 reference={r.algorithm for r in done if ALGORITHMS[r.algorithm].pooled},
             )
     return out / "results.md", rows, target
+
+
+RECORD_DROPS = ("clients", "contributors")
+"""Per-round fields a record leaves out (the sampled ids: the seed's sampler redraws them)."""
+
+
+def write_records(comparison: Comparison, dest: Path) -> int:
+    """Keep what the tables and plots need of each finished run, under ``dest`` laid out
+    like the comparison's folder: its ``config.toml`` and ``summary.json`` and a thinned
+    ``metrics.jsonl`` (round 0, the evaluated rounds and the last one). A few kB per run,
+    so the results of hours of training outlive the run folders. Returns how many."""
+    kept = 0
+    for (name, seed), cfg in comparison.runs.items():
+        rd = RunDir(comparison.folder(name, seed))
+        if state_of(rd.path, cfg) != "done":
+            continue
+        history = rd.read_metrics()
+        rows = [h for i, h in enumerate(history) if "test_accuracy" in h or i == len(history) - 1]
+        record = RunDir(run_folder(dest, name, seed))
+        record.path.mkdir(parents=True, exist_ok=True)
+        record.write_atomic(record.config, rd.config.read_text())
+        record.write_atomic(record.summary, rd.summary.read_text())
+        record.write_atomic(
+            record.metrics,
+            "".join(
+                json.dumps({k: v for k, v in h.items() if k not in RECORD_DROPS}) + "\n"
+                for h in rows
+            ),
+        )
+        kept += 1
+    return kept
+
+
+def restore_records(comparison: Comparison, src: Path, echo=print) -> int:
+    """Put the records under ``src`` (`write_records`) in place of the comparison's run
+    folders that are missing, when they finished the runs the comparison asks for with
+    its settings; a record of other settings or fewer rounds is left out, so that run
+    trains again. Returns how many were restored."""
+    restored = 0
+    for (name, seed), cfg in comparison.runs.items():
+        record = RunDir(run_folder(src, name, seed))
+        target = RunDir(comparison.folder(name, seed))
+        if target.exists() or not record.exists():
+            continue
+        _, clash = reconcile(record, cfg)
+        if clash or state_of(record.path, cfg) != "done":
+            echo(f"record of {name} seed {seed} left out: " + (clash or "not finished"))
+            continue
+        target.path.mkdir(parents=True)
+        for f in (record.config, record.summary, record.metrics):
+            shutil.copy(f, target.path / f.name)
+        restored += 1
+    return restored
