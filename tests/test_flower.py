@@ -285,6 +285,50 @@ def test_a_restarted_node_catches_up_by_replay(tmp_path):
     assert metrics[6]["bytes_down"] == (11 + 5 * 28 + 14) + 2 * (11 + 28 + 14)
 
 
+class Lingering(FakeGrid):
+    """Node 101 (client 1) dies when round 3 starts, but stays listed, as Flower lists a
+    node for about a minute after it went silent; every message pushed to it is counted."""
+
+    def __init__(self, clients):
+        super().__init__(clients)
+        self.hooks["3"] = lambda g: g.contexts.pop(101)
+        self.to_dead: list[str] = []
+
+    def get_node_ids(self):
+        return sorted({*self.contexts, 101})
+
+    def push_messages(self, messages):
+        dead = "3" in self.rounds_seen or any(m.metadata.group_id == "3" for m in messages)
+        self.to_dead += [
+            m.metadata.message_type for m in messages if dead and m.metadata.dst_node_id == 101
+        ]
+        return super().push_messages(messages)
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_a_dead_node_costs_one_timeout(tmp_path):
+    out = tmp_path / "r"
+    cfg = RunConfig(
+        rounds=8,
+        clients=3,
+        sampled=3,
+        eval_every=8,
+        runtime="flower",
+        out=str(out),
+        reply_timeout=0.5,
+    )
+    grid = Lingering(3)
+    _run_on(grid, cfg)
+    # one round message timed out; after it, no round waits for the dead node: it gets
+    # only set-up queries, pushed without waiting (nobody answers them)
+    assert grid.to_dead.count("train") == 1 and set(grid.to_dead) <= {"train", "query"}
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["replies"] for m in metrics[1:]] == [3, 3, 2, 2, 2, 2, 2, 2]
+    log = (out / "run.log").read_text()
+    assert "client 1: node 101 did not answer; asked to set up again" in log
+    assert "client 1 left out: no node with this partition-id is set up" in log
+
+
 class Hostile(FakeGrid):
     """Node 101 (client 1) answers train messages with ``answer(message)``."""
 

@@ -3,7 +3,9 @@
 Nodes are matched to client ids by the ``partition-id`` in their node config, learned by
 a ``query`` to every node the first time it is seen (a restarted node has a new node id
 and is queried again; it reports the rounds its model holds, and the server's catch-up
-starts there). Everything a node sends back is checked by the server before use.
+starts there). A node that does not answer a round in time is set aside until it answers
+a new set-up query, so a dead one costs a single timeout. Everything a node sends back is
+checked by the server before use.
 """
 
 from __future__ import annotations
@@ -108,6 +110,16 @@ class FlowerRuntime(Runtime):
         self.nodes[cid] = node
         self.server.mark_synced(cid, have)
 
+    def _silenced(self, cid: int, node: int) -> None:
+        """A node that let a round's message time out gets no more rounds until it
+        answers a set-up query again (sent at the next refresh and every `QUERY_RETRY` s
+        while Flower lists it): a dead node, which Flower keeps listing for about a
+        minute, costs one timeout; a slow or restarted one comes back set up."""
+        if self.nodes.get(cid) == node:
+            del self.nodes[cid]
+            log.info("client %d: node %d did not answer; asked to set up again", cid, node)
+        self.queried.discard(node)
+
     def _send_and_receive(self, out: list[Message]) -> list[Message]:
         """Push ``out`` and pull the replies every `REPLY_POLL` s until all are in or
         ``reply_timeout`` passes (Grid.send_and_receive polls every 3 s)."""
@@ -141,7 +153,7 @@ class FlowerRuntime(Runtime):
         for cid in todo:
             node = self.nodes.get(cid)
             if node is None:
-                traffic.missing[cid] = "no node with this partition-id is connected"
+                traffic.missing[cid] = "no node with this partition-id is set up"
                 continue
             wire = [encode(m) for m in self.server.messages_for(cid, rnd, lr, seeds)]
             traffic.bytes_down += sum(len(w) for w in wire)
@@ -160,6 +172,7 @@ class FlowerRuntime(Runtime):
             answer = answers.get(node)
             if answer is None:
                 traffic.missing[cid] = f"no reply within {self.timeout:g} s"
+                self._silenced(cid, node)
             elif answer.has_error():
                 traffic.missing[cid] = f"node error: {answer.error.reason}"
             else:
