@@ -60,6 +60,7 @@ class FlowerRuntime(Runtime):
         alive = set(self.grid.get_node_ids())
         log.debug("nodes connected: %s", sorted(alive))
         self.nodes = {cid: n for cid, n in self.nodes.items() if n in alive}
+        self._read_answers()  # first: an answer may have come in after its retry time
         now = time.monotonic()
         for mid, (node, sent) in list(self.pending.items()):
             if now - sent > QUERY_RETRY or node not in alive:
@@ -70,6 +71,10 @@ class FlowerRuntime(Runtime):
             self.queried.update(new)
             ids = self.grid.push_messages([self._query_message(n) for n in new])
             self.pending.update({i: (n, now) for i, n in zip(ids, new, strict=True)})
+            self._read_answers()
+
+    def _read_answers(self) -> None:
+        """Adopt the nodes whose set-up answers have arrived."""
         if self.pending:
             for answer in self.grid.pull_messages(list(self.pending)):
                 self.pending.pop(answer.metadata.reply_to_message_id, None)
