@@ -128,7 +128,7 @@ def test_the_update_is_replayed_by_the_decomfl_rule():
 
 def test_defaults_and_bad_options():
     cfg = build_config(algorithm="ferret")
-    assert (cfg.projections, cfg.server_lr, cfg.effective_lr) == (64, 1.0, 0.3)
+    assert (cfg.projections, cfg.server_lr, cfg.effective_lr) == (64, 0.3, 0.3)
     assert build_config(algorithm="ferret", projections=200, server_lr=0.5).projections == 200
     with pytest.raises(ConfigError, match="projections: only for ferret, not decomfl"):
         build_config(algorithm="decomfl", projections=8)

@@ -146,7 +146,7 @@ class RunConfig(BaseModel):
         None,
         gt=0,
         allow_inf_nan=False,
-        description="ferret: step of the rebuilt update, x += server-lr x update (default 1.0).",
+        description="ferret: step of the rebuilt update, x += server-lr x update (default 0.3).",
     )
     lr: float | None = Field(
         None,

@@ -264,7 +264,7 @@ for _spec in (
         runtimes=RUNTIMES,
         aggregators=_ROBUST,
         perturbs=False,
-        defaults={"projections": 64, "server_lr": 1.0},
+        defaults={"projections": 64, "server_lr": 0.3},
     ),
     AlgorithmSpec(
         "mezo",
