@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ import urllib.request
 from pathlib import Path
 
 from fedscalar.runtime.flower import QUIET_ENV
+from fedscalar.runtime.flower.certs import make_certificates
 
 APP_DIR = Path(__file__).resolve().parents[4] / "flower-app"
 """The Flower app project (pyproject.toml naming fedscalar's ServerApp and ClientApp)."""
@@ -40,9 +42,17 @@ class DeploymentError(RuntimeError):
 
 class LocalDeployment:
     def __init__(
-        self, nodes: int, home: Path, app_dir: Path = APP_DIR, env: dict[str, str] | None = None
+        self,
+        nodes: int,
+        home: Path,
+        app_dir: Path = APP_DIR,
+        env: dict[str, str] | None = None,
+        tls: bool = False,
     ):
+        """``tls``: the SuperLink serves TLS with a certificate of a CA made in
+        ``home/certs``, and admits only SuperNodes whose public keys are registered."""
         self.n, self.home, self.app_dir = nodes, Path(home), Path(app_dir)
+        self.certs = make_certificates(self.home / "certs", nodes) if tls else None
         self.logs = self.home / "logs"
         bindir = str(Path(sys.executable).parent)
         self.env = {
@@ -105,7 +115,7 @@ class LocalDeployment:
             "superlink",
             [
                 str(self.bin / "flower-superlink"),
-                "--insecure",
+                *self._link_security(),
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -115,14 +125,56 @@ class LocalDeployment:
         )
         self._await_health()
         (self.home / "flwr").mkdir(parents=True, exist_ok=True)
+        trust = f'root-certificates = "{self.certs.ca}"' if self.certs else "insecure = true"
         (self.home / "flwr" / "config.toml").write_text(
             '[superlink]\ndefault = "local-deployment"\n\n[superlink.local-deployment]\n'
-            f'address = "127.0.0.1:{self.link_port}"\ninsecure = true\n'
+            f'address = "127.0.0.1:{self.link_port}"\n{trust}\n'
         )
+        if self.certs:
+            for i, key in enumerate(self.certs.node_keys):
+                self._flwr(
+                    "supernode", "register", f"{key}.pub", "local-deployment", "--name", f"node{i}"
+                )
         if nodes:
             for i in range(self.n):
                 self.start_node(i)
         return self
+
+    def _link_security(self) -> list[str]:
+        if self.certs is None:
+            return ["--insecure"]
+        return [
+            "--ssl-ca-certfile",
+            str(self.certs.ca),
+            "--ssl-certfile",
+            str(self.certs.server_cert),
+            "--ssl-keyfile",
+            str(self.certs.server_key),
+            "--enable-supernode-auth",
+        ]
+
+    def _node_security(self, i: int) -> list[str]:
+        if self.certs is None:
+            return ["--insecure"]
+        return [
+            "--root-certificates",
+            str(self.certs.ca),
+            "--auth-supernode-private-key",
+            str(self.certs.node_keys[i]),
+        ]
+
+    def _flwr(self, *args: str, timeout: float = 120) -> str:
+        """Run the ``flwr`` command line against this deployment; return its output."""
+        done = subprocess.run(
+            [str(self.bin / "flwr"), *args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if done.returncode != 0:
+            raise DeploymentError(f"flwr {args[0]} failed: {done.stdout}{done.stderr}")
+        return done.stdout
 
     def _await_health(self, patience: float = 60.0) -> None:
         deadline = time.monotonic() + patience
@@ -130,7 +182,10 @@ class LocalDeployment:
             if self.procs["superlink"].poll() is not None:
                 raise DeploymentError(f"the SuperLink exited; see {self.logs / 'superlink.log'}")
             try:
-                urllib.request.urlopen(f"http://127.0.0.1:{self.link_port}/health", timeout=1)
+                scheme = "https" if self.certs else "http"
+                context = ssl.create_default_context(cafile=self.certs.ca) if self.certs else None
+                url = f"{scheme}://127.0.0.1:{self.link_port}/health"
+                urllib.request.urlopen(url, timeout=1, context=context)
                 return
             except OSError:
                 time.sleep(0.2)
@@ -142,7 +197,7 @@ class LocalDeployment:
             f"supernode{i}",
             [
                 str(self.bin / "flower-supernode"),
-                "--insecure",
+                *self._node_security(i),
                 "--superlink",
                 self.fleet_address or f"127.0.0.1:{self.link_port}",
                 "--host",
@@ -183,23 +238,7 @@ class LocalDeployment:
         overrides = f'config="{Path(config).resolve()}" out="{Path(out).resolve()}"'
         if resume:
             overrides += " resume=true"
-        done = subprocess.run(
-            [
-                str(self.bin / "flwr"),
-                "run",
-                str(self.app_dir),
-                "local-deployment",
-                "--run-config",
-                overrides,
-            ],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        if done.returncode != 0:
-            raise DeploymentError(f"flwr run failed: {done.stdout}{done.stderr}")
-        return done.stdout
+        return self._flwr("run", str(self.app_dir), "local-deployment", "--run-config", overrides)
 
     @staticmethod
     def wait_for(out: Path, patience: float = 600.0) -> dict:
