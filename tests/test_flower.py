@@ -263,6 +263,34 @@ def test_nodes_snapshot_their_model_and_replay_a_short_tail(tmp_path, monkeypatc
 
 
 @pytest.mark.usefixtures("server_identity")
+def test_a_set_up_query_that_expired_unread_is_sent_again(tmp_path, monkeypatch):
+    """Flower answers a pull for a query that expired (ttl) with an error message in
+    place of the node's answer: that node is asked again, not dropped for the run."""
+    from fedscalar.runtime.flower import server
+
+    class ExpiresFirstQuery(FakeGrid):
+        expired = False
+
+        def _deliver(self, messages):
+            late = [m for m in messages if m.metadata.dst_node_id == 101 and not self.expired]
+            if late:
+                self.expired = True
+                error = Error(code=1, reason="Message Unavailable")
+                rest = [m for m in messages if m is not late[0]]
+                return [Message(error, reply_to=late[0]), *super()._deliver(rest)]
+            return super()._deliver(messages)
+
+    monkeypatch.setattr(server, "QUERY_RETRY", 0.0)
+    grid = ExpiresFirstQuery(4)
+    out = tmp_path / "flower"
+    cfg = RunConfig(algorithm="decomfl", rounds=3, runtime="flower", out=str(out), **SMALL)
+    _run_on(grid, cfg)
+    log = (out / "run.log").read_text()
+    assert grid.expired and "node 101: set-up failed: Message Unavailable" in log
+    assert "client 1: node 101 set up" in log and "4 of 4 client ids have a node" in log
+
+
+@pytest.mark.usefixtures("server_identity")
 def test_a_restarted_node_catches_up_by_replay(tmp_path):
     from tests.test_replies import Faulty
 
@@ -275,7 +303,9 @@ def test_a_restarted_node_catches_up_by_replay(tmp_path):
     grid = FakeGrid(3)
     grid.hooks["5"] = lambda g: g.restart(pid=1, new_node=900)
     out = tmp_path / "flower"
-    _run_on(grid, cfg.model_copy(update={"out": str(out), "runtime": "flower"}))
+    # (the lost reply costs reply_timeout: 1 s here)
+    flower = {"out": str(out), "runtime": "flower", "reply_timeout": 1.0}
+    _run_on(grid, cfg.model_copy(update=flower))
     _same_run(local, out)
     assert "client 1: node 900 set up, holding round 0" in (out / "run.log").read_text()
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]

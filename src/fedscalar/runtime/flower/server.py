@@ -26,6 +26,9 @@ log = logging.getLogger("fedscalar")
 QUERY_RETRY = 10.0
 """Seconds after which a set-up query still unanswered is sent again (the node may have
 missed it: a ClientApp that failed to start, a message lost with its node's restart)."""
+NODE_PATIENCE = 60.0
+"""Seconds the server waits at the start for every client id to have a node (at least;
+``reply_timeout`` when longer): the first ClientApps of a loaded machine start slowly."""
 REPLY_POLL = 0.02
 """Seconds between the server's pulls for replies (Flower's `send_and_receive` waits 3 s)."""
 
@@ -38,7 +41,9 @@ class FlowerRuntime(Runtime):
         self.nodes: dict[int, int] = {}  # client id -> node id
         self.queried: set[int] = set()
         self.pending: dict[str, tuple[int, float]] = {}  # set-up query id -> (node, sent at)
-        self._await_nodes(self.timeout if wait_for_nodes is None else wait_for_nodes)
+        self.retry: dict[int, float] = {}  # node whose set-up failed -> when to ask again
+        patience = max(self.timeout, NODE_PATIENCE) if wait_for_nodes is None else wait_for_nodes
+        self._await_nodes(patience)
 
     # -- nodes ----------------------------------------------------------------------------
     def _await_nodes(self, patience: float) -> None:
@@ -62,6 +67,10 @@ class FlowerRuntime(Runtime):
         self.nodes = {cid: n for cid, n in self.nodes.items() if n in alive}
         self._read_answers()  # first: an answer may have come in after its retry time
         now = time.monotonic()
+        for node, when in list(self.retry.items()):
+            if when <= now or node not in alive:
+                del self.retry[node]
+                self.queried.discard(node)
         for mid, (node, sent) in list(self.pending.items()):
             if now - sent > QUERY_RETRY or node not in alive:
                 del self.pending[mid]  # ask again (if it is still there)
@@ -74,11 +83,17 @@ class FlowerRuntime(Runtime):
             self._read_answers()
 
     def _read_answers(self) -> None:
-        """Adopt the nodes whose set-up answers have arrived."""
+        """Adopt the nodes whose set-up answers have arrived. An error in place of an
+        answer (the query expired unread: a node slow to start; or the node failed) is
+        no answer: the node is asked again after `QUERY_RETRY` s."""
         if self.pending:
             for answer in self.grid.pull_messages(list(self.pending)):
-                self.pending.pop(answer.metadata.reply_to_message_id, None)
-                self._adopt(answer)
+                node, sent = self.pending.pop(answer.metadata.reply_to_message_id, (None, 0.0))
+                if answer.has_error() and node is not None:
+                    log.warning("node %d: set-up failed: %s", node, answer.error.reason)
+                    self.retry[node] = sent + QUERY_RETRY
+                else:
+                    self._adopt(answer)
 
     def _query_message(self, node: int) -> Message:
         return Message(
