@@ -4,10 +4,14 @@ Starts a SuperLink and N SuperNodes on loopback (`fedscalar.runtime.flower.launc
 with a byte-counting TCP proxy between the SuperNodes and the SuperLink, runs DeComFL
 on digits with every client sampled each round, and reports, per client and round, the
 fedscalar payload (from metrics.jsonl) against the bytes the proxy saw in each
-direction; then the same with tuned Flower polling. Idle traffic (heartbeats, polling
-with no run) is measured before the run and reported separately.
+direction; then the same with tuned Flower polling, and the local simulator on the same
+configuration, side by side in one run. Idle traffic (heartbeats, polling with no run)
+is measured before the run and reported separately. ``--setting`` adds run options (TOML
+lines), for example a language model on the nodes:
 
     python benchmarks/flower_wire.py --nodes 4 --rounds 10
+    python benchmarks/flower_wire.py --nodes 4 --rounds 10 --setting 'task = "sentiment"' \
+        --setting 'model = "minilm-l6"' --setting 'lora = true' --setting 'lora_layers = 2'
 """
 
 from __future__ import annotations
@@ -61,14 +65,34 @@ class CountingProxy:
         return self.up, self.down
 
 
-def measure(nodes: int, rounds: int, env: dict[str, str], idle_s: float) -> dict:
+def _config(nodes: int, rounds: int, setting: list[str]) -> str:
+    lines = [f"clients = {nodes}", f"sampled = {nodes}", f"rounds = {rounds}"]
+    lines += [f"eval_every = {rounds}", "reply_timeout = 60.0", *setting]
+    if not any(x.replace(" ", "").startswith("task=") for x in setting):
+        lines.append('task = "digits"')
+    return "\n".join(lines) + "\n"
+
+
+def simulate(nodes: int, rounds: int, setting: list[str]) -> dict:
+    """The same run in the local simulator: its median seconds per round (rounds 2-)."""
+    from fedscalar.api import run
+    from fedscalar.config import build_config_text
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = build_config_text(_config(nodes, rounds, setting) + f'out = "{tmp}/run"\n')
+        run(cfg)
+        metrics = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").open()]
+    trained = [m for m in metrics if m["round"] >= 2]
+    return {"s/round (median)": statistics.median(m["round_seconds"] for m in trained)}
+
+
+def measure(
+    nodes: int, rounds: int, env: dict[str, str], idle_s: float, setting: list[str]
+) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
         config = home / "run.toml"
-        config.write_text(
-            f'task = "digits"\nclients = {nodes}\nsampled = {nodes}\nrounds = {rounds}\n'
-            f"eval_every = {rounds}\nreply_timeout = 60.0\n"
-        )
+        config.write_text(_config(nodes, rounds, setting))
         out = home / "run"
         dep = LocalDeployment(nodes, home / "deployment", env=env)
         try:
@@ -126,19 +150,22 @@ def main() -> None:
     ap.add_argument("--nodes", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--idle", type=float, default=10.0, help="seconds of idle traffic measured")
+    ap.add_argument("--setting", action="append", default=[], help="a run option, TOML line")
     args = ap.parse_args()
+    n, r, idle, setting = args.nodes, args.rounds, args.idle, args.setting
     rows = {
-        "default polling": measure(args.nodes, args.rounds, {}, args.idle),
-        "tuned (FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.02)": measure(
-            args.nodes, args.rounds, TUNED, args.idle
-        ),
+        "local simulator": simulate(n, r, setting),
+        "default polling": measure(n, r, {}, idle, setting),
+        "tuned (FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.02)": measure(n, r, TUNED, idle, setting),
     }
-    keys = list(next(iter(rows.values())))
-    print(f"\nDeComFL on digits, K=1, P=5, {args.nodes} SuperNodes all sampled, loopback\n")
+    keys = list(rows["default polling"])
+    print(f"\nDeComFL, {'; '.join(setting) or 'digits'}, {n} SuperNodes all sampled, loopback\n")
     print("| setting | " + " | ".join(keys) + " |")
     print("|---" * (len(keys) + 1) + "|")
     for name, row in rows.items():
-        cells = [f"{v:.2f}" if isinstance(v, float) else str(v) for v in row.values()]
+        cells = [
+            f"{v:.2f}" if isinstance(v, float) else str(v) for v in (row.get(k, "-") for k in keys)
+        ]
         print(f"| {name} | " + " | ".join(cells) + " |")
 
 

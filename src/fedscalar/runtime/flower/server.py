@@ -41,7 +41,9 @@ class FlowerRuntime(Runtime):
         self.nodes: dict[int, int] = {}  # client id -> node id
         self.queried: set[int] = set()
         self.pending: dict[str, tuple[int, float]] = {}  # set-up query id -> (node, sent at)
-        self.retry: dict[int, float] = {}  # node whose set-up failed -> when to ask again
+        self.retry: dict[int, float] = {}  # node whose set-up failed -> when it was asked
+        self.refused: set[int] = set()  # nodes whose answers do not fit the run
+        self.query_ttl = max(self.timeout, NODE_PATIENCE)
         patience = max(self.timeout, NODE_PATIENCE) if wait_for_nodes is None else wait_for_nodes
         self._await_nodes(patience)
 
@@ -60,21 +62,27 @@ class FlowerRuntime(Runtime):
         """Forget nodes that left; ask new ones who they are; read answers that arrived.
 
         Set-up queries are not waited for: a node whose ClientApp starts slowly answers
-        later, and its answer is read at the next refresh (every round).
+        later, and its answer is read at the next refresh (every round). A node still
+        unanswered after `QUERY_RETRY` s is asked again; the earlier query's answer stays
+        welcome until its ttl (`NODE_PATIENCE` s at least) runs out.
         """
         alive = set(self.grid.get_node_ids())
         log.debug("nodes connected: %s", sorted(alive))
         self.nodes = {cid: n for cid, n in self.nodes.items() if n in alive}
-        self._read_answers()  # first: an answer may have come in after its retry time
+        self._read_answers()
         now = time.monotonic()
-        for node, when in list(self.retry.items()):
-            if when <= now or node not in alive:
-                del self.retry[node]
-                self.queried.discard(node)
-        for mid, (node, sent) in list(self.pending.items()):
-            if now - sent > QUERY_RETRY or node not in alive:
-                del self.pending[mid]  # ask again (if it is still there)
-                self.queried.discard(node)
+        self.pending = {
+            mid: (node, sent)
+            for mid, (node, sent) in self.pending.items()
+            if node in alive and now - sent <= self.query_ttl
+        }
+        newest: dict[int, float] = {}
+        for node, sent in self.pending.values():
+            newest[node] = max(newest.get(node, sent), sent)
+        set_up = set(self.nodes.values())
+        for node in self.queried & alive - set_up - self.refused:
+            if now - newest.get(node, self.retry.get(node, -QUERY_RETRY)) >= QUERY_RETRY:
+                self.queried.discard(node)  # unanswered (or failed) for long enough
         new = sorted(alive - self.queried)
         if new:
             self.queried.update(new)
@@ -84,23 +92,29 @@ class FlowerRuntime(Runtime):
 
     def _read_answers(self) -> None:
         """Adopt the nodes whose set-up answers have arrived. An error in place of an
-        answer (the query expired unread: a node slow to start; or the node failed) is
-        no answer: the node is asked again after `QUERY_RETRY` s."""
-        if self.pending:
-            for answer in self.grid.pull_messages(list(self.pending)):
-                node, sent = self.pending.pop(answer.metadata.reply_to_message_id, (None, 0.0))
-                if answer.has_error() and node is not None:
-                    log.warning("node %d: set-up failed: %s", node, answer.error.reason)
-                    self.retry[node] = sent + QUERY_RETRY
-                else:
-                    self._adopt(answer)
+        answer (the query expired unread, or the node failed) is no answer: the node is
+        asked again `QUERY_RETRY` s after that query; a node whose answer does not fit
+        the run is not asked again."""
+        if not self.pending:
+            return
+        for answer in self.grid.pull_messages(list(self.pending)):
+            node, sent = self.pending.pop(answer.metadata.reply_to_message_id, (None, 0.0))
+            if node is None:
+                continue
+            if answer.has_error():
+                log.warning("node %d: set-up failed: %s", node, answer.error.reason)
+                self.retry[node] = sent
+            elif self._adopt(answer):
+                self.pending = {m: v for m, v in self.pending.items() if v[0] != node}
+            else:
+                self.refused.add(node)
 
     def _query_message(self, node: int) -> Message:
         return Message(
             pack(run=self.key, config=self.toml),
             dst_node_id=node,
             message_type=QUERY,
-            ttl=self.timeout,
+            ttl=self.query_ttl,
         )
 
     def _query(self, node_ids: Iterable[int]) -> None:
@@ -110,12 +124,12 @@ class FlowerRuntime(Runtime):
         for answer in self._send_and_receive(out):
             self._adopt(answer)
 
-    def _adopt(self, answer: Message) -> None:
+    def _adopt(self, answer: Message) -> bool:
         """Map the answering node to the client id it serves, at the round it holds."""
         node = answer.metadata.src_node_id
         if answer.has_error():
             log.warning("node %d: set-up failed: %s", node, answer.error.reason)
-            return
+            return False
         try:
             values = unpack(answer.content)
             if "error" in values:
@@ -125,10 +139,11 @@ class FlowerRuntime(Runtime):
                 raise ValueError(f"partition {cid} holding round {have} does not fit the run")
         except (KeyError, TypeError, ValueError) as e:
             log.warning("node %d: set-up refused: %s", node, e)
-            return
+            return False
         log.info("client %d: node %d set up, holding round %d", cid, node, have)
         self.nodes[cid] = node
         self.server.mark_synced(cid, have)
+        return True
 
     def _silenced(self, cid: int, node: int) -> None:
         """A node that let a round's message time out gets no more rounds until it
