@@ -135,6 +135,37 @@ def test_flower_runtime_matches_the_local_simulator(tmp_path, algorithm):
     assert sum(1 for kind, _ in grid.sent if kind == "train") == 8 * 2
 
 
+@pytest.mark.parametrize(
+    "algorithm,mode,noise",
+    [("decomfl", "central", 0.5), ("hiso", "local", 0.5), ("fedavg", "central", 0.01)],
+)
+@pytest.mark.usefixtures("server_identity")
+def test_private_runs_on_flower_match_the_local_simulator(tmp_path, algorithm, mode, noise):
+    """Central DP noises on the server, local DP on each node: with the same seed of the
+    noise, the ledgers agree bit for bit (without one, each party keeps its own secret)."""
+    dp = dict(dp_noise_multiplier=noise, dp_mode=mode, dp_seed=11, dp_clip=1.0)
+    cfg = RunConfig(algorithm=algorithm, rounds=6, **SMALL, **dp)
+    run(cfg.model_copy(update={"out": str(tmp_path / "local")}))
+    _run_on(
+        FakeGrid(4), cfg.model_copy(update={"out": str(tmp_path / "flower"), "runtime": "flower"})
+    )
+    _same_run(tmp_path / "local", tmp_path / "flower")
+    plain = tmp_path / "plain"
+    run(
+        cfg.model_copy(
+            update={
+                "out": str(plain),
+                "dp_noise_multiplier": None,
+                "dp_seed": None,
+                "dp_mode": "central",
+            }
+        )
+    )
+    noised, _ = RunDir.load_tensors(RunDir(tmp_path / "local").checkpoint)
+    clean, _ = RunDir.load_tensors(RunDir(plain).checkpoint)
+    assert any(not torch.equal(noised[k], clean[k]) for k in clean)  # the noise was applied
+
+
 @pytest.mark.usefixtures("server_identity")
 def test_a_node_that_missed_its_set_up_query_is_asked_again(tmp_path, monkeypatch):
     from fedscalar.runtime.flower import server
@@ -395,9 +426,15 @@ def test_a_hostile_node_is_left_out(tmp_path, answer, reason):
     assert all(m["replies"] == 2 and m["rejected"] == 1 for m in metrics[1:])
 
 
-@pytest.mark.parametrize("algorithm", ["decomfl", "hiso"])
-def test_flower_simulation_engine_matches_the_local_simulator(tmp_path, algorithm):
-    cfg = RunConfig(algorithm=algorithm, rounds=6, **SMALL)
+@pytest.mark.parametrize(
+    "algorithm,extra",
+    [
+        ("decomfl", {}),
+        ("hiso", dict(dp_noise_multiplier=0.5, dp_mode="local", dp_seed=3)),  # clients noise
+    ],
+)
+def test_flower_simulation_engine_matches_the_local_simulator(tmp_path, algorithm, extra):
+    cfg = RunConfig(algorithm=algorithm, rounds=6, **SMALL, **extra)
     run(cfg.model_copy(update={"out": str(tmp_path / "local")}))
     run(cfg.model_copy(update={"out": str(tmp_path / "sim"), "runtime": "flower-simulation"}))
     _same_run(tmp_path / "local", tmp_path / "sim")

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
-from fedscalar.config import ConfigError, RunConfig, build_config
+from fedscalar.config import ConfigError, RunConfig, build_config, read_toml
 from fedscalar.ledger import LedgerError
 
 app = typer.Typer(
@@ -168,7 +168,7 @@ def run(
 
 
 @app.command()
-@with_config_options(exclude=NOT_SHARED)
+@with_config_options(exclude=(*NOT_SHARED, "dp_epsilon"))
 def compare(
     out: Annotated[
         Path,
@@ -201,6 +201,16 @@ def compare(
         ),
     ] = None,
     jobs: Annotated[int, typer.Option("--jobs", help="Runs trained at once.", min=1)] = 1,
+    dp_epsilon: Annotated[
+        str | None,
+        typer.Option(
+            "--dp-epsilon",
+            help="Privacy budget of every run; several (e.g. 1,3,8,none; none: no DP) "
+            "compare the algorithms once per budget, in OUT/epsilon-<e>, and tabulate "
+            "accuracy against epsilon (default: no DP).",
+            show_default=False,
+        ),
+    ] = None,
     *,
     flags: dict[str, Any],
 ) -> None:
@@ -211,6 +221,14 @@ def compare(
     try:
         names = cmp.parse_list(algorithms, "algorithms") if algorithms else None
         seed_list = cmp.parse_list(seeds, "seeds", int) if seeds else None
+        budgets = cmp.parse_budgets(dp_epsilon) if dp_epsilon else None
+        in_file = config is not None and "dp_epsilon" in read_toml(config)
+        if in_file or (budgets is not None and len(budgets) > 1):
+            parts = cmp.plan_budgets(out, budgets, names, seed_list, config, target, **flags)
+            _compare_budgets(out, parts, jobs)
+            return
+        if budgets is not None and budgets[0] is not None:
+            flags["dp_epsilon"] = budgets[0]
         comparison = cmp.plan(out, names, seed_list, config, target, **flags)
     except (ConfigError, LedgerError) as e:
         raise _fail(str(e)) from None
@@ -230,6 +248,37 @@ def compare(
     pngs = ", ".join(str(path.parent / f) for f in ("comparison.png", "frontier.png"))
     typer.echo(f"written: {path}, {path.with_suffix('.csv')}, {pngs}")
     failed = [f"{a} seed {s}" for (a, s), r in results.items() if r.get("status") == "error"]
+    if failed:
+        raise _fail(f"runs failed: {', '.join(failed)} (see their run.log)", code=1)
+
+
+def _compare_budgets(out: Path, parts, jobs: int) -> None:
+    """A privacy comparison: each budget's comparison in turn, then the table of
+    accuracy against epsilon."""
+    from fedscalar import compare as cmp
+    from fedscalar.report import write_privacy_report
+
+    title = _title(parts[0][1])
+    total = sum(len(c.runs) for _, c in parts)
+    budgets = ", ".join("none" if e is None else f"{e:g}" for e, _ in parts)
+    typer.echo(f"comparing over privacy budgets {budgets}: {total} runs in {out}")
+    failed = []
+    try:
+        for epsilon, comparison in parts:
+            typer.echo(f"epsilon {'none' if epsilon is None else f'{epsilon:g}'}:")
+            results = cmp.execute(comparison, jobs, echo=typer.echo)
+            failed += [
+                f"{a} seed {s} (epsilon {epsilon})"
+                for (a, s), r in results.items()
+                if r.get("status") == "error"
+            ]
+    except KeyboardInterrupt:
+        write_privacy_report(out, parts, title)
+        typer.echo("interrupted; run the same command again to resume", err=True)
+        raise typer.Exit(130) from None
+    path, table = write_privacy_report(out, parts, title)
+    typer.echo(table)
+    typer.echo(f"written: {path}, {path.with_suffix('.png')}, and each budget's results.md")
     if failed:
         raise _fail(f"runs failed: {', '.join(failed)} (see their run.log)", code=1)
 

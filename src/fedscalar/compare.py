@@ -123,14 +123,17 @@ def plan(
     seeds: list[int] | None = None,
     file: str | Path | None = None,
     target: float | None = None,
+    private: bool | None = None,
     **shared: Any,
 ) -> Comparison:
     """Validate a comparison completely (before anything runs); `ConfigError` if not.
 
     ``shared`` are run options for every algorithm (flags override the file's ``[run]``).
+    ``private`` is set by `plan_budgets` for one budget of a privacy comparison (False:
+    its no-DP column, every ``dp_*`` option dropped).
     """
     spec: dict[str, Any] = read_toml(file) if file is not None else {}
-    unknown = set(spec) - {"algorithms", "seeds", "target", "run", "algorithm"}
+    unknown = set(spec) - {"algorithms", "seeds", "target", "run", "algorithm", "dp_epsilon"}
     if unknown:
         raise ConfigError(f"config: unknown key '{sorted(unknown)[0]}' in the comparison file")
     algorithms = algorithms or spec.get("algorithms")
@@ -154,6 +157,11 @@ def plan(
     target = target if target is not None else spec.get("target")
     if target is not None and not 0 < target <= 1:
         raise ConfigError(f"target: an accuracy in (0, 1], got {target}")
+    if "dp_epsilon" in spec and private is None:
+        raise ConfigError(
+            "dp_epsilon: a list of budgets in the comparison file is an axis: compare them "
+            "with --dp-epsilon (or plan_budgets)"
+        )
     base = dict(spec.get("run", {}))
     base.update({k: v for k, v in shared.items() if v is not None})
     for key in ("algorithm", "seed", "out"):
@@ -180,6 +188,8 @@ def plan(
             )
         for seed in own_seeds:
             values = {**base, **table, "algorithm": name, "seed": seed}
+            if private is False:  # the no-DP column of a privacy comparison
+                values = {k: v for k, v in values.items() if not k.startswith("dp_")}
             own = ALGORITHMS[name]
             for field in (*ALGORITHM_ONLY, "perturbations"):  # a shared --projections is
                 takes = field in own.defaults or (field == "perturbations" and own.perturbs)
@@ -195,6 +205,68 @@ def plan(
     comparison = Comparison(Path(out), tuple(algorithms), tuple(seeds), target, runs)
     _check_existing(comparison, own_horizon)
     return comparison
+
+
+def parse_budgets(values: str | list[Any]) -> list[float | None]:
+    """Privacy budgets from ``"1,3,8,none"`` or a TOML list (``"none"``: no DP)."""
+    items = parse_list(values, "dp_epsilon") if isinstance(values, str) else list(values)
+    budgets: list[float | None] = []
+    for item in items:
+        if str(item).strip().lower() == "none":
+            budgets.append(None)
+            continue
+        try:
+            value = float(item)
+        except (TypeError, ValueError):
+            raise ConfigError(f"dp_epsilon: {item!r} is not a number or 'none'") from None
+        if not 0 < value < float("inf"):
+            raise ConfigError(f"dp_epsilon: budgets must be positive and finite, got {item!r}")
+        budgets.append(value)
+    if not budgets or len(set(budgets)) != len(budgets):
+        raise ConfigError(f"dp_epsilon: distinct budgets, got {values!r}")
+    return budgets
+
+
+def budget_folder(out: str | Path, epsilon: float | None) -> Path:
+    """Where the comparison of one privacy budget lives."""
+    return Path(out) / ("epsilon-none" if epsilon is None else f"epsilon-{epsilon:g}")
+
+
+def plan_budgets(
+    out: str | Path,
+    budgets: str | list[Any] | None,
+    algorithms: list[str] | None = None,
+    seeds: list[int] | None = None,
+    file: str | Path | None = None,
+    target: float | None = None,
+    **shared: Any,
+) -> list[tuple[float | None, Comparison]]:
+    """A privacy comparison: the same comparison once per budget (``budgets``, or the
+    comparison file's top-level ``dp_epsilon`` list), each in `budget_folder`. Every
+    budget is validated (and its noise calibrated) before anything runs."""
+    if budgets is None and file is not None:
+        budgets = read_toml(file).get("dp_epsilon")
+    if budgets is None:
+        raise ConfigError("dp_epsilon: name the budgets to compare (--dp-epsilon 1,3,8,none)")
+    planned = []
+    for epsilon in parse_budgets(budgets):
+        extra = {} if epsilon is None else {"dp_epsilon": epsilon}
+        try:
+            comparison = plan(
+                budget_folder(out, epsilon),
+                algorithms,
+                seeds,
+                file,
+                target,
+                private=epsilon is not None,
+                **shared,
+                **extra,
+            )
+        except ConfigError as e:
+            label = "none" if epsilon is None else f"{epsilon:g}"
+            raise ConfigError(f"epsilon {label}: {e}") from None
+        planned.append((epsilon, comparison))
+    return planned
 
 
 def _check_existing(comparison: Comparison, own_horizon: set[tuple[str, int]]) -> None:

@@ -6,6 +6,7 @@ written to ``config.toml`` in the run folder and is what ``--resume`` reads back
 
 from __future__ import annotations
 
+import functools
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -308,6 +309,43 @@ class RunConfig(BaseModel):
     )
     attackers: int = Field(0, ge=0, description="Number of Byzantine clients (fixed ids).")
     attack_scale: float = Field(10.0, gt=0, description="Strength of the attack.")
+    dp_epsilon: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Differential privacy: the whole run's client-level budget epsilon; the "
+        "noise is calibrated to it before training (decomfl, hiso, fedavg, fedzo; default: "
+        "no DP).",
+    )
+    dp_delta: float = Field(
+        1e-5, gt=0, lt=1, description="DP: the budget's delta (keep it below 1/clients)."
+    )
+    dp_clip: float = Field(
+        1.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="DP: L2 bound of one client's reply (its K x P scalars, or its weight "
+        "change); longer replies are scaled down to it.",
+    )
+    dp_mode: Literal["central", "local"] = Field(
+        "central",
+        description="DP: central (the server noises the sum of the clipped replies) or local "
+        "(each client noises its own reply, trusting no server; far more noise).",
+    )
+    dp_noise_multiplier: float | None = Field(
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="DP: noise standard deviation over the sensitivity (2 x dp-clip); set "
+        "from dp-epsilon when the run starts, or given instead (epsilon is then reported).",
+    )
+    dp_seed: int | None = Field(
+        None,
+        ge=0,
+        lt=2**63,
+        description="DP: seed of the noise; default a secret kept in the run folder "
+        "(dp-secret). Set it only to reproduce a run: whoever knows it can remove the noise.",
+    )
     out: str | None = Field(None, description="Run folder; default: a new folder under runs/.")
 
     @model_validator(mode="before")
@@ -440,12 +478,43 @@ class RunConfig(BaseModel):
                 f"divergence_ratio: {self.divergence_ratio} would stop a run whose test loss "
                 "merely stops improving; use a value above 1 (or 0 to never stop)"
             )
+        self._check_privacy()
         if self.min_replies > self.sampled:
             raise ValueError(
                 f"min_replies: {self.min_replies} valid replies needed but only "
                 f"{self.sampled} clients sampled per round"
             )
         return self
+
+    @property
+    def private(self) -> bool:
+        """Whether the run is differentially private."""
+        return self.dp_epsilon is not None or self.dp_noise_multiplier is not None
+
+    def _check_privacy(self) -> None:
+        if not self.private:
+            for name in ("dp_delta", "dp_clip", "dp_mode", "dp_seed"):
+                if getattr(self, name) != RunConfig.model_fields[name].default:
+                    raise ValueError(f"{name}: only with --dp-epsilon or --dp-noise-multiplier")
+            return
+        if not self.spec.private:
+            takers = [a for a, sp in registry.ALGORITHMS.items() if sp.private]
+            raise ValueError(
+                f"dp_epsilon: differential privacy covers {', '.join(takers)}, not {self.algorithm}"
+            )
+        if self.aggregator != "mean":
+            raise ValueError(
+                f"aggregator: a DP run takes the mean only (the noise is calibrated to the "
+                f"sum of the clipped replies; {self.aggregator} is not covered)"
+            )
+
+    def privacy_accounting(self):
+        """The run's `fedscalar.privacy.accounting.Federation` (None without DP)."""
+        if not self.private:
+            return None
+        from fedscalar.privacy.accounting import Federation
+
+        return Federation(self.dp_mode, self.clients, self.sampled)
 
     def _check_options(self, declared: dict[str, Any]) -> None:
         """Each option is one the algorithm or task declares; its value takes the type of
@@ -477,10 +546,22 @@ class RunConfig(BaseModel):
         return default_lr(self.algorithm, self.task, self.model, self.lora)
 
     def resolved(self) -> RunConfig:
-        """A copy with defaults that depend on other fields filled in."""
-        return self.model_copy(
-            update={"lr": self.effective_lr, "lr_decay_rounds": self.lr_decay_rounds or self.rounds}
-        )
+        """A copy with defaults that depend on other fields filled in (DP: the noise
+        multiplier calibrated to the budget; `ConfigError` if none meets it)."""
+        update: dict[str, Any] = {
+            "lr": self.effective_lr,
+            "lr_decay_rounds": self.lr_decay_rounds or self.rounds,
+        }
+        if self.dp_epsilon is not None and self.dp_noise_multiplier is None:
+            update["dp_noise_multiplier"] = _calibrated(
+                self.dp_mode,
+                self.clients,
+                self.sampled,
+                self.dp_epsilon,
+                self.dp_delta,
+                self.rounds,
+            )
+        return self.model_copy(update=update)
 
     def describe_data(self) -> str:
         """The task, its data and its model, for logs and plot titles."""
@@ -503,6 +584,18 @@ class RunConfig(BaseModel):
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.model_dump(exclude_none=True))
+
+
+@functools.lru_cache(maxsize=64)
+def _calibrated(
+    mode: str, clients: int, sampled: int, epsilon: float, delta: float, rounds: int
+) -> float:
+    from fedscalar.privacy.accounting import BudgetError, Federation
+
+    try:
+        return Federation(mode, clients, sampled).calibrate(epsilon, delta, rounds)
+    except BudgetError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _as_type_of(default: Any, value: Any, name: str) -> Any:

@@ -118,3 +118,32 @@ def _finish(
             ax.legend(fontsize=8)
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
+
+
+def plot_privacy(
+    curves: dict[str, list[tuple[float, float, float]]],
+    plain: dict[str, tuple[float, float]],
+    path: Path,
+    title: str = "",
+) -> None:
+    """Final accuracy (mean ± std over seeds) against the privacy budget epsilon (log),
+    one line per algorithm; its accuracy without DP as a dotted line of the same colour."""
+    fig, ax = plt.subplots(figsize=(7, 4.4), constrained_layout=True)
+    for label in sorted(set(curves) | set(plain)):
+        points = sorted(curves.get(label, []))
+        color = None
+        if points:
+            eps, acc, std = zip(*points, strict=True)
+            line = ax.errorbar(eps, acc, yerr=std, marker="o", capsize=3, label=label)
+            color = line.lines[0].get_color()
+        if label in plain:
+            mean, _ = plain[label]
+            ax.axhline(mean, ls=":", color=color, label=f"{label}, no DP")
+    ax.set_xscale("log")
+    ax.set(xlabel="privacy budget epsilon (log)", ylabel="final test accuracy", title=title)
+    ax.set_ylim(0.0, 1.0)
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)

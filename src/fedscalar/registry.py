@@ -63,6 +63,9 @@ class AlgorithmSpec:
     perturbs: bool = True
     """It measures along P perturbations (``perturbations`` applies); a run of one that
     does not may only leave P at its default."""
+    private: bool = False
+    """Differential privacy applies (``dp_*``): its reply is one row of numbers the
+    mean combines (`fedscalar.privacy.dp`)."""
     defaults: dict[str, Any] = field(default_factory=dict)
     """Config fields whose default differs for this algorithm (``perturbations``), and
     the algorithm-only fields it takes (``projections``, ``server_lr``) with theirs."""
@@ -179,6 +182,7 @@ for _spec in (
         lr=_ZO_LR,
         runtimes=RUNTIMES,
         aggregators=_ROBUST,
+        private=True,
     ),
     AlgorithmSpec(
         "hiso",
@@ -189,6 +193,7 @@ for _spec in (
         lr={"digits": 0.02, "mnist": 5e-3},
         runtimes=RUNTIMES,
         aggregators=_ROBUST,
+        private=True,
     ),
     AlgorithmSpec(
         "fedavg",
@@ -201,6 +206,7 @@ for _spec in (
         perturbs=False,
         runtimes=RUNTIMES,
         aggregators=_ROBUST,
+        private=True,
     ),
     AlgorithmSpec(
         "fedavg-topk",
@@ -225,6 +231,7 @@ for _spec in (
         replayable=False,
         aggregators=_ROBUST,
         runtimes=RUNTIMES,
+        private=True,
     ),
     AlgorithmSpec(
         "fedkseed",

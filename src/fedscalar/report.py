@@ -340,3 +340,72 @@ def restore_records(comparison: Comparison, src: Path, echo=print) -> int:
             shutil.copy(f, target.path / f.name)
         restored += 1
     return restored
+
+
+def privacy_table(
+    parts: list[tuple[float | None, Comparison]],
+) -> tuple[str, dict[str, dict[float | None, Row]]]:
+    """A privacy comparison's table: final accuracy (mean ± std over seeds) per algorithm
+    and budget, with the noise multiplier each budget was calibrated to; and the rows."""
+    rows: dict[str, dict[float | None, Row]] = {}
+    for epsilon, comparison in parts:
+        for row in collect(comparison, comparison.target)[0]:
+            rows.setdefault(row.algorithm, {})[epsilon] = row
+    budgets = [e for e, _ in parts]
+    header = [
+        "algorithm",
+        *(f"epsilon {e:g}" if e is not None else "no DP" for e in budgets),
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, by_budget in rows.items():
+        cells = [name]
+        for epsilon, comparison in parts:
+            row = by_budget.get(epsilon)
+            if row is None:
+                cells.append("-")
+                continue
+            cell = mean_std(row.final)
+            noise = {c.dp_noise_multiplier for (a, _), c in comparison.runs.items() if a == name}
+            if epsilon is not None and len(noise) == 1 and None not in noise:
+                cell += f" (z {noise.pop():.3g})"
+            if set(row.statuses) != {"completed"}:
+                cell += f" ({_status(row.statuses)})"
+            cells.append(cell)
+        lines.append("| " + " | ".join(cells) + " |")
+    note = (
+        "Final test accuracy, mean ± std over seeds; z: the noise multiplier calibrated to "
+        "the budget (noise std = z x 2 x clip on the sum of the clipped replies)."
+    )
+    return "\n".join(lines) + "\n\n" + note + "\n", rows
+
+
+def write_privacy_report(
+    out: Path, parts: list[tuple[float | None, Comparison]], title: str = ""
+) -> tuple[Path, str]:
+    """``privacy.md`` and ``privacy.png`` (accuracy against epsilon) in a privacy
+    comparison's folder; each budget's own report in its sub-folder."""
+    out.mkdir(parents=True, exist_ok=True)
+    for _, comparison in parts:
+        write_report(comparison, title)
+    table, rows = privacy_table(parts)
+    (out / "privacy.md").write_text(
+        f"# {title or 'Privacy'}: accuracy against the privacy budget\n\n{table}\n"
+        "![accuracy against epsilon](privacy.png)\n"
+    )
+    from fedscalar.plots import plot_privacy
+
+    curves = {
+        name: [
+            (e, statistics.mean(r.final), statistics.stdev(r.final) if len(r.final) > 1 else 0.0)
+            for e, r in by.items()
+            if e is not None and r.final
+        ]
+        for name, by in rows.items()
+    }
+    plain = {
+        name: (statistics.mean(by[None].final), 0.0)
+        for name, by in rows.items()
+        if None in by and by[None].final
+    }
+    plot_privacy(curves, plain, out / "privacy.png", title)
+    return out / "privacy.md", table

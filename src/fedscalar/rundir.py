@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import secrets
 import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,6 +41,7 @@ class RunDir:
     curves = property(lambda self: self.path / "curves.png")
     log = property(lambda self: self.path / "run.log")
     lock = property(lambda self: self.path / ".lock")
+    dp_secret = property(lambda self: self.path / "dp-secret")
 
     def exists(self) -> bool:
         return self.config.exists()
@@ -137,6 +139,20 @@ class RunDir:
         return load_file(path), meta
 
     # -- misc ---------------------------------------------------------------------------
+    def secret(self) -> int:
+        """The run's DP noise secret: made once, readable by its owner only, never in
+        the config, the ledger or the metrics (whoever knows it can remove the noise)."""
+        if not self.dp_secret.exists():
+            fd = os.open(self.dp_secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(f"{secrets.randbits(63)}\n")
+                f.flush()
+                os.fsync(f.fileno())
+        text = self.dp_secret.read_text().strip()
+        if not text.isdigit():
+            raise ConfigError(f"{self.dp_secret}: not a DP secret (one integer); restore it")
+        return int(text)
+
     @staticmethod
     def write_atomic(path: Path, text: str) -> None:
         tmp = path.with_suffix(path.suffix + ".tmp")

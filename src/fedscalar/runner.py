@@ -18,7 +18,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedscalar import schedule
 from fedscalar.algorithms import (
@@ -45,6 +45,9 @@ from fedscalar.runtime.base import RunSetup, RuntimeFactory
 from fedscalar.runtime.local import LocalRuntime
 from fedscalar.tasks import build_task
 from fedscalar.tasks.hf import MissingPackage
+
+if TYPE_CHECKING:
+    from fedscalar.privacy.accounting import Spending
 
 log = logging.getLogger("fedscalar")
 
@@ -218,6 +221,7 @@ class _Run:
         if resume:  # a corrupted or disagreeing folder stops here, nothing written
             self.ledger = Ledger.open(rd.ledger)
             cfg = self.cfg = check_header(rd, cfg, self.ledger.header)
+        self.spending = self._privacy(cfg)  # a budget overrun stops before any loading
         try:
             self._say(f"loading data: {cfg.describe_data()}")
             self.task = build_task(cfg)
@@ -256,8 +260,13 @@ class _Run:
             if self.space.numel * 4 <= BASE_COPY_LIMIT:
                 RunDir.save_tensors(rd.base, self.space.state(), {"format": "fedscalar-base"})
             self.ledger = Ledger.create(rd.ledger, ledger_header(cfg, self.space))
-        self.server = make_server(cfg, self.space, self.ledger.updates)
-        self.client = make_client(cfg, self.space, self.server)
+        keyed = (  # the DP noise's secret, kept out of config.toml
+            cfg.model_copy(update={"dp_seed": rd.secret()})
+            if cfg.private and cfg.dp_seed is None
+            else cfg
+        )
+        self.server = make_server(keyed, self.space, self.ledger.updates)
+        self.client = make_client(keyed, self.space, self.server)
         self.resume = resume
         self.runtime = (
             runtime(RunSetup(cfg, self.server, self.client, self.client_data))
@@ -266,6 +275,30 @@ class _Run:
                 self.server, self.client, self.client_data, count_bytes=not cfg.spec.pooled
             )
         )
+
+    def _privacy(self, cfg: RunConfig) -> Spending | None:
+        """A DP run's privacy spending over rounds; `ConfigError` if its rounds spend
+        more than the budget (a run extended past the rounds its noise was set for)."""
+        accounting = cfg.privacy_accounting()
+        if accounting is None:
+            return None
+        noise = cfg.dp_noise_multiplier
+        if noise is None:
+            raise ConfigError("dp_noise_multiplier: not set (run the resolved config)")
+        spending = accounting.spending(noise)
+        spent = spending.epsilon(cfg.rounds, cfg.dp_delta)
+        if cfg.dp_epsilon is not None and spent > cfg.dp_epsilon * (1 + 1e-6):
+            raise ConfigError(
+                f"rounds: {cfg.rounds} rounds at noise multiplier {noise:.4g} spend epsilon "
+                f"{spent:.3g}, over the budget of {cfg.dp_epsilon:g}: a DP run cannot be "
+                "extended past the rounds its noise was calibrated for"
+            )
+        self._say(
+            f"differential privacy ({cfg.dp_mode}): replies clipped to {cfg.dp_clip:g}, "
+            f"noise multiplier {noise:.4g}; epsilon {spent:.3g} at delta {cfg.dp_delta:g} "
+            f"after {cfg.rounds} rounds"
+        )
+        return spending
 
     def client_data(self, cid: int) -> ClientData:
         return client_data(self.cfg, self.task, self.parts[cid], cid)
@@ -520,6 +553,8 @@ class _Run:
         }
         if cfg.lr_schedule != "constant" or cfg.lr_warmup:
             record["lr"] = lr
+        if self.spending is not None:
+            record["dp_epsilon"] = self.spending.epsilon(rnd, cfg.dp_delta)
         evaluate = rnd % cfg.eval_every == 0 or rnd == cfg.rounds
         if evaluate:
             self._evaluate(rnd, record)
@@ -618,6 +653,26 @@ class _Run:
             "attackers": cfg.attackers,
             "aggregator": cfg.aggregator,
             "lr_scale": cfg.lr_scale,
+            **self._privacy_summary(rounds),
+        }
+
+    def _privacy_summary(self, rounds: int) -> dict[str, Any]:
+        cfg = self.cfg
+        if self.spending is None:
+            return {}
+        return {
+            "dp_mode": cfg.dp_mode,
+            "dp_clip": cfg.dp_clip,
+            "dp_noise_multiplier": cfg.dp_noise_multiplier,
+            "dp_delta": cfg.dp_delta,
+            "dp_epsilon_budget": cfg.dp_epsilon,
+            "dp_epsilon_spent": self.spending.epsilon(rounds, cfg.dp_delta),
+            "dp_accountant": "RDP (dp-accounting), "
+            + (
+                "sampled without replacement, replace-one client"
+                if cfg.dp_mode == "central" and cfg.sampled < cfg.clients
+                else "every round in full"
+            ),
         }
 
     @staticmethod

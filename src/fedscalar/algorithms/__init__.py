@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import secrets
+
 from fedscalar import schedule
 from fedscalar.algorithms.attacks import ByzantineClient
 from fedscalar.algorithms.base import Client, ClientData, Diverged, RejectedReply, Server
@@ -14,6 +16,7 @@ from fedscalar.algorithms.zo import ZOAlgorithm, ZOClient, ZOServer, ZOSettings,
 from fedscalar.config import RunConfig
 from fedscalar.messages import GlobalUpdate
 from fedscalar.params import ParamSpace
+from fedscalar.privacy.dp import GaussianDP, PrivateClient
 
 SCALAR = ("decomfl", "hiso", "mezo")
 """Built-in algorithms whose replies are the K x P scalars of one shared set of seeds."""
@@ -37,6 +40,24 @@ def _robust(cfg: RunConfig) -> dict:
     return {"aggregator": cfg.aggregator, "trim_fraction": cfg.trim_fraction, "krum_f": cfg.krum_f}
 
 
+def privacy(cfg: RunConfig) -> GaussianDP | None:
+    """The run's DP mechanism (None without DP). Its secret is ``dp_seed`` (the runner
+    sets it from the run folder's secret); a party given none draws its own."""
+    if not cfg.private:
+        return None
+    noise = cfg.dp_noise_multiplier
+    if noise is None:  # a config not resolved yet
+        noise = cfg.resolved().dp_noise_multiplier
+    assert noise is not None
+    secret = cfg.dp_seed if cfg.dp_seed is not None else secrets.randbits(63)
+    return GaussianDP(cfg.dp_mode, cfg.dp_clip, noise, secret)
+
+
+def _central(cfg: RunConfig) -> dict:
+    """The server's DP mechanism, in central mode."""
+    return {"dp": privacy(cfg)} if cfg.private and cfg.dp_mode == "central" else {}
+
+
 def make_server(cfg: RunConfig, space: ParamSpace, history: list[GlobalUpdate]) -> Server:
     """The server half of ``cfg.algorithm`` (its registry entry's) holding the global
     state in ``space``."""
@@ -47,7 +68,14 @@ def builtin_server(cfg: RunConfig, space: ParamSpace, history: list[GlobalUpdate
     """The built-in algorithms' servers."""
     if cfg.algorithm in SCALAR:
         algo = ZOAlgorithm(zo_settings(cfg))
-        return ZOServer(algo, ZOState(space, algo.s.hiso), history, cfg.catch_up, **_robust(cfg))
+        return ZOServer(
+            algo,
+            ZOState(space, algo.s.hiso),
+            history,
+            cfg.catch_up,
+            **_robust(cfg),
+            **_central(cfg),
+        )
     if cfg.algorithm == "feedsign":
         sign = FeedSignAlgorithm(zo_settings(cfg))
         return FeedSignServer(sign, ZOState(space, False), history, cfg.catch_up)
@@ -64,7 +92,7 @@ def builtin_server(cfg: RunConfig, space: ParamSpace, history: list[GlobalUpdate
             algo, ZOState(space, False), history, pool, cfg.algorithm == "fedkseed-pro"
         )
     compressor = make_compressor(cfg.algorithm, cfg.topk_fraction, cfg.qsgd_bits)
-    return FedAvgServer(space, compressor, **_robust(cfg))
+    return FedAvgServer(space, compressor, **_robust(cfg), **_central(cfg))
 
 
 def builtin_client(cfg: RunConfig, space: ParamSpace, server: Server | None) -> Client:
@@ -99,6 +127,10 @@ def make_client(cfg: RunConfig, space: ParamSpace, server: Server | None = None)
     With ``cfg.attackers``, the clients with the ids `schedule.attackers` picks attack.
     """
     client = cfg.spec.make_client(cfg, space, server)
+    if cfg.private and cfg.dp_mode == "local":
+        dp = privacy(cfg)
+        assert dp is not None
+        client = PrivateClient(client, dp)
     if cfg.attackers:
         bad = schedule.attackers(cfg.seed, cfg.clients, cfg.attackers)
         client = ByzantineClient(client, bad, cfg.attack, cfg.attack_scale, cfg.seed)

@@ -15,17 +15,14 @@ are the weight change (a quantised one is re-quantised after the attack).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
 import numpy as np
-import torch
 
 from fedscalar import schedule
-from fedscalar.algorithms.base import Client, ClientData
+from fedscalar.algorithms.base import Client, WrappedClient
 from fedscalar.algorithms.compression import QSGD, dense
 from fedscalar.messages import (
     DeltaReply,
-    GlobalUpdate,
     Message,
     QuantizedDeltaReply,
     ScalarReply,
@@ -60,43 +57,19 @@ def corrupt(reply: Message, attack: str, scale: float, rng: np.random.Generator)
     raise TypeError(f"cannot attack a {type(reply).__name__}")
 
 
-class ByzantineClient(Client):
-    """Honest for every client id except ``attackers``, whose replies are attacked."""
+class ByzantineClient(WrappedClient):
+    """Honest for every client id except ``attackers``, whose replies are attacked (the
+    replica is the wrapped client's: an attacker is as up to date as it is honest)."""
 
     def __init__(
         self, inner: Client, attackers: frozenset[int], attack: str, scale: float, run_seed: int
     ):
-        self.inner, self.attackers = inner, attackers
-        self.attack, self.scale, self.run_seed = attack, scale, run_seed
+        super().__init__(inner)
+        self.attackers, self.attack, self.scale, self.run_seed = attackers, attack, scale, run_seed
 
-    def state_tensors(self):
-        return self.inner.state_tensors()
-
-    def load_state_tensors(self, tensors) -> None:
-        self.inner.load_state_tensors(tensors)
-
-    # the replica is the wrapped client's: an attacker is as up to date as it is honest
-    @property
-    def replicates(self) -> bool:
-        return self.inner.replicates
-
-    @property
-    def round(self) -> int:
-        return self.inner.round
-
-    def replay(self, updates: Sequence[GlobalUpdate]) -> None:
-        self.inner.replay(updates)
-
-    def replica_tensors(self) -> dict[str, torch.Tensor]:
-        return self.inner.replica_tensors()
-
-    def load_replica(self, tensors: dict[str, torch.Tensor], rnd: int) -> None:
-        self.inner.load_replica(tensors, rnd)
-
-    def handle(self, messages: list[Message], data: ClientData) -> Message:
-        reply = self.inner.handle(messages, data)
-        if data.client_id not in self.attackers:
+    def changed(self, reply: Message, client_id: int) -> Message:
+        if client_id not in self.attackers:
             return reply
         rnd = int(getattr(reply, "round", 0))
-        rng = schedule.rng_for(self.run_seed, schedule.ATTACK, rnd, data.client_id)
+        rng = schedule.rng_for(self.run_seed, schedule.ATTACK, rnd, client_id)
         return corrupt(reply, self.attack, self.scale, rng)

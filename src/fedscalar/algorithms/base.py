@@ -164,6 +164,44 @@ class Client(ABC):
         raise NotImplementedError(f"{type(self).__name__} keeps no replica")
 
 
+class WrappedClient(Client):
+    """A client that changes what ``inner`` replies (an attack, a privacy mechanism)
+    and is otherwise ``inner``: same memory, same replica."""
+
+    def __init__(self, inner: Client):
+        self.inner = inner
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        return self.inner.state_tensors()
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.inner.load_state_tensors(tensors)
+
+    @property
+    def replicates(self) -> bool:
+        return self.inner.replicates
+
+    @property
+    def round(self) -> int:
+        return self.inner.round
+
+    def replay(self, updates: Sequence[GlobalUpdate]) -> None:
+        self.inner.replay(updates)
+
+    def replica_tensors(self) -> dict[str, torch.Tensor]:
+        return self.inner.replica_tensors()
+
+    def load_replica(self, tensors: dict[str, torch.Tensor], rnd: int) -> None:
+        self.inner.load_replica(tensors, rnd)
+
+    def handle(self, messages: list[Message], data: ClientData) -> Message:
+        return self.changed(self.inner.handle(messages, data), data.client_id)
+
+    @abstractmethod
+    def changed(self, reply: Message, client_id: int) -> Message:
+        """What client ``client_id`` sends in place of its honest ``reply``."""
+
+
 def check_finite(what: str, rnd: int, *values: float) -> None:
     if not all(np.isfinite(v) for v in values):
         raise Diverged(f"round {rnd}: {what} is not finite")

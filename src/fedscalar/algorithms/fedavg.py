@@ -32,6 +32,7 @@ from fedscalar.algorithms.compression import Compressor, dense
 from fedscalar.algorithms.zo import ZOAlgorithm, ZOState
 from fedscalar.messages import GlobalUpdate, Message, TrainRequest, WeightsMessage
 from fedscalar.params import ParamSpace
+from fedscalar.privacy.dp import GaussianDP
 
 
 class FedAvgClient(Client):
@@ -112,10 +113,12 @@ class FedAvgServer(Server):
         aggregator: str = "mean",
         trim_fraction: float = 0.2,
         krum_f: int | None = None,
+        dp: GaussianDP | None = None,
     ):
         self.space = space
         self.compressor = compressor or Compressor()
         self.aggregator, self.trim_fraction, self.krum_f = aggregator, trim_fraction, krum_f
+        self.dp = dp  # central DP: the server clips and noises the changes' sum
         self.global_weights = space.flat()
         self._round = 0
 
@@ -140,7 +143,11 @@ class FedAvgServer(Server):
     def aggregate(self, rnd, lr, seeds, replies):
         cids = sorted(replies)
         rows = np.stack([dense(replies[c], self.space.numel) for c in cids])
-        change = aggregate(rows, self.aggregator, self.trim_fraction, self.krum_f)
+        change = (
+            self.dp.private_mean(rows, rnd)
+            if self.dp is not None
+            else aggregate(rows, self.aggregator, self.trim_fraction, self.krum_f)
+        )
         new = (self.global_weights.double() + torch.from_numpy(change)).float()
         check_finite("the updated weights", rnd, float(new.sum()))
         self.global_weights = new

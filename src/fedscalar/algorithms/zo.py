@@ -36,6 +36,7 @@ from fedscalar.messages import (
     state_size,
 )
 from fedscalar.params import ParamSpace, Precond, Term, copy_flat_
+from fedscalar.privacy.dp import GaussianDP
 
 
 class ProtocolError(RuntimeError):
@@ -302,9 +303,11 @@ class ZOServer(ReplayServer):
         aggregator: str = "mean",
         trim_fraction: float = 0.2,
         krum_f: int | None = None,
+        dp: GaussianDP | None = None,
     ):
         super().__init__(algo, state, history)
         self.aggregator, self.trim_fraction, self.krum_f = aggregator, trim_fraction, krum_f
+        self.dp = dp  # central DP: the server clips and noises the replies' sum
         self.catch_up_mode = catch_up_mode  # "replay", or "auto": the state when smaller
 
     def messages_for(self, client_id, rnd, lr, seeds) -> list[Message]:
@@ -340,7 +343,11 @@ class ZOServer(ReplayServer):
         cids = sorted(replies)
         shape = self._shape(seeds)
         rows = np.stack([replies[c].scalars.astype(np.float64).reshape(-1) for c in cids])
-        gbar = aggregate(rows, self.aggregator, self.trim_fraction, self.krum_f)
+        gbar = (
+            self.dp.private_mean(rows, rnd)
+            if self.dp is not None
+            else aggregate(rows, self.aggregator, self.trim_fraction, self.krum_f)
+        )
         gbar = gbar.reshape(shape).astype(np.float32)
         losses = [replies[c].loss for c in cids]
         update = GlobalUpdate(rnd, float(np.float32(lr)), tuple(seeds), gbar)
