@@ -1,0 +1,94 @@
+"""Secure aggregation of scalars: the unmasked sum, dropouts, tampering, byte counts."""
+
+import numpy as np
+import pytest
+
+from fedscalar.privacy import secagg
+from fedscalar.privacy.secagg import SecAggError, combine, secure_sum, split
+
+
+def _values(n: int, size: int = 6, seed: int = 0) -> dict[int, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {c: rng.normal(size=size) * 10.0 ** rng.integers(-3, 3) for c in range(n)}
+
+
+@pytest.mark.parametrize("n", [3, 5, 8])
+def test_the_unmasked_sum_is_the_plain_sum_to_the_fixed_point_resolution(n):
+    values = _values(n)
+    result = secure_sum(values, rnd=4)
+    plain = np.sum(list(values.values()), axis=0)
+    assert np.max(np.abs(result.total - plain)) <= n * 2.0 ** -(secagg.FRACTION_BITS + 1)
+    # the masks cancel exactly in the ring: the result is the sum of the encodings,
+    # whatever keys and masks this round drew
+    ring = np.sum([secagg.encode(v) for v in values.values()], axis=0, dtype=np.uint64)
+    assert np.array_equal(result.total, secagg.decode(ring))
+    assert np.array_equal(secure_sum(values, rnd=4).total, result.total)
+
+
+def test_a_masked_input_alone_hides_the_value():
+    values = _values(3)
+    client = secagg.SecAggClient(0, rnd=1)
+    others = [secagg.SecAggClient(c, rnd=1) for c in (1, 2)]
+    roster = secagg.roster_bytes([p.advertise() for p in (client, *others)])
+    server = secagg.SecAggServer(1, threshold=2)
+    server.roster({p.cid: p.advertise() for p in (client, *others)})
+    boxes = server.route({p.cid: p.share_keys(roster, 2) for p in (client, *others)})
+    wire = client.masked_input(values[0], boxes[0])
+    seen = secagg.decode(np.frombuffer(wire, dtype=np.uint64, offset=8))
+    assert np.all(np.abs(seen - values[0]) > 1.0)  # masked values look like noise
+
+
+@pytest.mark.parametrize("dropped", [{1}, {0, 4}, {2, 3}])
+def test_dropped_clients_masks_are_removed(dropped):
+    values = _values(6, seed=1)
+    result = secure_sum(values, rnd=9, drop_after_sharing=frozenset(dropped))
+    survivors = [c for c in values if c not in dropped]
+    assert result.survivors == survivors
+    plain = np.sum([values[c] for c in survivors], axis=0)
+    assert np.max(np.abs(result.total - plain)) <= 6 * 2.0**-25
+
+
+def test_too_few_survivors_stop_the_round():
+    with pytest.raises(SecAggError, match="2 masked inputs, 3 needed"):
+        secure_sum(_values(5), rnd=1, drop_after_sharing=frozenset({0, 1, 2}))
+
+
+def test_a_tampered_share_is_detected():
+    with pytest.raises(SecAggError, match="client 3: the share from client 1 failed"):
+        secure_sum(_values(4), rnd=2, tamper=(1, 3))
+
+
+def test_fewer_than_three_clients_are_refused():
+    with pytest.raises(SecAggError, match="at least 3 clients"):
+        secure_sum(_values(2), rnd=1)
+
+
+def test_values_the_ring_cannot_hold_are_refused():
+    with pytest.raises(ValueError, match="finite values below"):
+        secagg.encode(np.array([1.0, np.inf]))
+    with pytest.raises(ValueError, match="finite values below"):
+        secagg.encode(np.array([2.0**31]))
+
+
+def test_shamir_shares_rebuild_the_secret_from_any_threshold():
+    secret = bytes(range(32))
+    shares = split(secret, list(range(7)), threshold=4)
+    assert combine({h: shares[h] for h in (6, 1, 3, 0)}, 4) == secret
+    assert combine({h: shares[h] for h in (2, 4, 5, 6)}, 4) == secret
+    wrong = {h: shares[h] for h in (2, 4, 5)} | {6: (shares[6] + 1) % secagg.PRIME}
+    with pytest.raises(SecAggError, match="do not rebuild a secret"):
+        combine(wrong, 4)  # a wrong share gives a field element no 32-byte secret maps to
+    with pytest.raises(SecAggError, match="3 shares, 4 needed"):
+        combine({h: shares[h] for h in (0, 1, 2)}, 4)
+
+
+@pytest.mark.parametrize("n,size", [(3, 5), (5, 6), (10, 1)])
+def test_byte_counts_are_the_encoded_messages(n, size):
+    result = secure_sum(_values(n, size), rnd=3)
+    # keys 4 + 2 x 32; shares: a count, then per other client ids, nonce, two 66-byte
+    # shares and the AES-GCM tag; the masked ring values; unmasking: n self-mask shares
+    share_box = 4 + (n - 1) * (8 + 12 + 2 * 66 + 16)
+    up = 68 + share_box + (8 + 8 * size) + (4 + 4 + 70 * n + 4)
+    down = (4 + 68 * n) + share_box + (4 + 4 * n + 4)
+    assert set(result.bytes_up.values()) == {up}
+    assert set(result.bytes_down.values()) == {down}
