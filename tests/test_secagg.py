@@ -1,8 +1,14 @@
 """Secure aggregation of scalars: the unmasked sum, dropouts, tampering, byte counts."""
 
+import json
+
 import numpy as np
 import pytest
+from typer.testing import CliRunner
 
+from fedscalar import RunConfig, run
+from fedscalar.cli import app
+from fedscalar.ledger import Ledger
 from fedscalar.privacy import secagg
 from fedscalar.privacy.secagg import SecAggError, combine, secure_sum, split
 
@@ -92,3 +98,68 @@ def test_byte_counts_are_the_encoded_messages(n, size):
     down = (4 + 68 * n) + share_box + (4 + 4 * n + 4)
     assert set(result.bytes_up.values()) == {up}
     assert set(result.bytes_down.values()) == {down}
+
+
+SMALL = dict(task="digits", clients=6, sampled=4, eval_every=5, batch_size=16, lr=0.03)
+
+
+def _ledger(path):
+    return Ledger.open(path / "ledger.bin").updates
+
+
+@pytest.mark.parametrize("algorithm", ["decomfl", "hiso"])
+def test_a_secure_run_applies_the_plain_runs_updates_and_counts_its_messages(tmp_path, algorithm):
+    plain, secure = tmp_path / "plain", tmp_path / "secure"
+    run(RunConfig(algorithm=algorithm, rounds=8, out=str(plain), **SMALL))
+    run(RunConfig(algorithm=algorithm, rounds=8, out=str(secure), secure_aggregation=True, **SMALL))
+    for a, b in zip(_ledger(plain), _ledger(secure), strict=True):
+        assert a.seeds == b.seeds and np.allclose(a.scalars, b.scalars, rtol=0, atol=1e-6)
+    metrics = [json.loads(x) for x in (secure / "metrics.jsonl").read_text().splitlines()][1:]
+    plain_metrics = [json.loads(x) for x in (plain / "metrics.jsonl").read_text().splitlines()][1:]
+    n, size = 4, 5 + 1  # K x P scalars and the loss
+    share_box = 4 + (n - 1) * (8 + 12 + 2 * 66 + 16)
+    up = 68 + share_box + (8 + 8 * size) + (4 + 4 + 70 * n + 4)
+    down = (4 + 68 * n) + share_box + (4 + 4 * n + 4)
+    for m, p in zip(metrics, plain_metrics, strict=True):
+        assert m["bytes_up"] == n * up  # the reply itself never leaves its client
+        assert m["bytes_down"] == p["bytes_down"] + n * down
+        assert m["train_loss"] == pytest.approx(p["train_loss"], abs=1e-6)
+
+
+def test_a_secure_run_resumes_bit_exact(tmp_path):
+    opts = {**SMALL, "secure_aggregation": True}
+    full, part = tmp_path / "full", tmp_path / "part"
+    run(RunConfig(algorithm="decomfl", rounds=9, out=str(full), **opts))
+    run(RunConfig(algorithm="decomfl", rounds=4, out=str(part), **opts))
+    run(resume=True, resume_overrides={"out": str(part), "rounds": 9})
+    # fresh keys and masks every round, yet the masks cancel exactly: same ledger
+    assert (full / "ledger.bin").read_bytes() == (part / "ledger.bin").read_bytes()
+
+
+def test_local_dp_and_secure_aggregation_combine(tmp_path):
+    out = tmp_path / "r"
+    dp = dict(dp_noise_multiplier=0.5, dp_mode="local", dp_seed=1)
+    run(
+        RunConfig(
+            algorithm="decomfl", rounds=3, out=str(out), secure_aggregation=True, **dp, **SMALL
+        )
+    )
+    assert len(_ledger(out)) == 3
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--sampled", "2"], "at least 3 sampled"),
+        (["--algorithm", "fedavg"], "for decomfl, hiso"),
+        (["--aggregator", "median"], "cannot take the median"),
+        (["--dp-epsilon", "3"], "use --dp-mode local"),
+        (["--runtime", "flower"], "local simulator only"),
+    ],
+)
+def test_bad_secure_aggregation_options_exit_2_with_one_line(tmp_path, args, message):
+    base = ["run", "--out", str(tmp_path / "x"), "--quiet", "--secure-aggregation"]
+    result = CliRunner().invoke(app, [*base, "--clients", "6", "--sampled", "4", *args])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0]

@@ -346,6 +346,12 @@ class RunConfig(BaseModel):
         description="DP: seed of the noise; default a secret kept in the run folder "
         "(dp-secret). Set it only to reproduce a run: whoever knows it can remove the noise.",
     )
+    secure_aggregation: bool = Field(
+        False,
+        description="Secure aggregation: the sampled clients mask their replies so the "
+        "server learns only their sum (decomfl, hiso; at least 3 sampled; the local "
+        "simulator).",
+    )
     out: str | None = Field(None, description="Run folder; default: a new folder under runs/.")
 
     @model_validator(mode="before")
@@ -479,6 +485,7 @@ class RunConfig(BaseModel):
                 "merely stops improving; use a value above 1 (or 0 to never stop)"
             )
         self._check_privacy()
+        self._check_secure_aggregation()
         if self.min_replies > self.sampled:
             raise ValueError(
                 f"min_replies: {self.min_replies} valid replies needed but only "
@@ -506,6 +513,34 @@ class RunConfig(BaseModel):
             raise ValueError(
                 f"aggregator: a DP run takes the mean only (the noise is calibrated to the "
                 f"sum of the clipped replies; {self.aggregator} is not covered)"
+            )
+
+    def _check_secure_aggregation(self) -> None:
+        if not self.secure_aggregation:
+            return
+        if self.algorithm not in SECURE:
+            raise ValueError(
+                f"secure_aggregation: for {', '.join(SECURE)} (replies of scalars the "
+                f"server averages), not {self.algorithm}"
+            )
+        if self.sampled < 3:
+            raise ValueError(
+                f"secure_aggregation: needs at least 3 sampled clients a round, got "
+                f"{self.sampled} (with 2, each would learn the other's reply from the sum)"
+            )
+        if self.aggregator != "mean":
+            raise ValueError(
+                f"secure_aggregation: the server sees only the sum of the replies, so it "
+                f"cannot take the {self.aggregator} of them; use the mean"
+            )
+        if self.private and self.dp_mode == "central":
+            raise ValueError(
+                "secure_aggregation: central DP clips each reply on the server, which "
+                "secure aggregation hides from it; use --dp-mode local"
+            )
+        if self.runtime != "local":
+            raise ValueError(
+                f"secure_aggregation: runs in the local simulator only, not {self.runtime}"
             )
 
     def privacy_accounting(self):
@@ -584,6 +619,10 @@ class RunConfig(BaseModel):
 
     def to_toml(self) -> str:
         return tomli_w.dumps(self.model_dump(exclude_none=True))
+
+
+SECURE = ("decomfl", "hiso")
+"""Algorithms that take secure aggregation (a mean of scalar replies)."""
 
 
 @functools.lru_cache(maxsize=64)

@@ -41,7 +41,7 @@ from fedscalar.ledger import Ledger
 from fedscalar.messages import GlobalUpdate, Message
 from fedscalar.params import ParamSpace
 from fedscalar.rundir import RunDir
-from fedscalar.runtime.base import RunSetup, RuntimeFactory
+from fedscalar.runtime.base import RoundTraffic, RunSetup, RuntimeFactory
 from fedscalar.runtime.local import LocalRuntime
 from fedscalar.tasks import build_task
 from fedscalar.tasks.hf import MissingPackage
@@ -272,7 +272,11 @@ class _Run:
             runtime(RunSetup(cfg, self.server, self.client, self.client_data))
             if runtime
             else LocalRuntime(
-                self.server, self.client, self.client_data, count_bytes=not cfg.spec.pooled
+                self.server,
+                self.client,
+                self.client_data,
+                count_bytes=not cfg.spec.pooled,
+                secure=cfg.secure_aggregation,
             )
         )
 
@@ -394,6 +398,8 @@ class _Run:
             traffic = self.runtime.run_round(rnd, lr, seeds, pending)
             counts["bytes_up"] += traffic.bytes_up
             counts["bytes_down"] += traffic.bytes_down
+            if traffic.summed is not None:
+                return self._secure_round(rnd, lr, seeds, traffic, counts)
             for cid, reason in traffic.missing.items():
                 problems[cid] = RejectedReply(reason)
             for cid, wire in traffic.replies.items():
@@ -426,6 +432,29 @@ class _Run:
             log.warning("%s; skipped (recorded as a no-op update)", short)
             return self.server.skip(rnd, seeds), None, {**counts, "contributors": []}
         raise ShortRound(short, nonfinite=all(e.nonfinite for e in problems.values()))
+
+    def _secure_round(
+        self, rnd: int, lr: float, seeds: tuple[int, ...], traffic: RoundTraffic, counts
+    ) -> tuple[GlobalUpdate, float | None, dict[str, Any]]:
+        """A round under secure aggregation: the server has the contributors' sum only."""
+        assert traffic.summed is not None
+        contributors = sorted(traffic.summed.contributors)
+        counts.update(replies=len(contributors), rejected=len(traffic.missing))
+        if len(contributors) < self.cfg.min_replies:
+            raise ShortRound(
+                f"round {rnd}: {len(contributors)} clients in the secure sum, "
+                f"{self.cfg.min_replies} needed",
+                nonfinite=False,
+            )
+        try:
+            update, loss = self.server.aggregate_sum(
+                rnd, lr, seeds, traffic.summed.total, contributors
+            )
+        except RejectedReply as e:
+            raise ShortRound(
+                f"round {rnd}: the secure sum was refused: {e}", nonfinite=e.nonfinite
+            ) from None
+        return update, loss, {**counts, "contributors": contributors}
 
     def _checkpoint(self, rnd: int) -> None:
         tensors = {**self.server.state_tensors(), **self.client.state_tensors()}

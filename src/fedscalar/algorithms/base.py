@@ -87,6 +87,19 @@ class Server(ABC):
         become non-finite.
         """
 
+    def aggregate_sum(
+        self,
+        rnd: int,
+        lr: float,
+        seeds: tuple[int, ...],
+        total: np.ndarray,
+        contributors: list[int],
+    ) -> tuple[GlobalUpdate, float]:
+        """`aggregate` from the securely aggregated sum of the replies (their values,
+        then their losses) of ``contributors``; only algorithms that take secure
+        aggregation implement it."""
+        raise NotImplementedError(f"{type(self).__name__} takes no secure aggregation")
+
     @abstractmethod
     def skip(self, rnd: int, seeds: tuple[int, ...]) -> GlobalUpdate:
         """Record round ``rnd`` as done without changing the state (too few replies).

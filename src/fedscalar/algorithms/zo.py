@@ -354,6 +354,18 @@ class ZOServer(ReplayServer):
         self._commit(update, cids)
         return update, float(np.mean(losses))
 
+    def aggregate_sum(self, rnd, lr, seeds, total, contributors):
+        shape = self._shape(seeds)
+        size = shape[0] * shape[1]
+        if total.shape != (size + 1,):
+            raise RejectedReply(f"a secure sum of {total.size} values, expected {size + 1}")
+        check_values(float(total[-1]), total[:-1])
+        mean = total / len(contributors)
+        gbar = mean[:-1].reshape(shape).astype(np.float32)
+        update = GlobalUpdate(rnd, float(np.float32(lr)), tuple(seeds), gbar)
+        self._commit(update, sorted(contributors))
+        return update, float(mean[-1])
+
     def skip(self, rnd, seeds) -> GlobalUpdate:
         update = GlobalUpdate(rnd, 0.0, tuple(seeds), np.zeros(self._shape(seeds), np.float32))
         self.apply(update)

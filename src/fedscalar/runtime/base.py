@@ -7,6 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import numpy as np
+
 if TYPE_CHECKING:
     from fedscalar.algorithms.base import Client, ClientData, Server
     from fedscalar.config import RunConfig
@@ -36,6 +38,17 @@ class RoundTraffic:
     missing: dict[int, str] = field(default_factory=dict)
     bytes_up: int = 0
     bytes_down: int = 0
+    summed: Summed | None = None
+    """Under secure aggregation: the unmasked sum in place of ``replies``."""
+
+
+@dataclass(frozen=True)
+class Summed:
+    """What secure aggregation gives the server: the sum of the contributors' reply
+    vectors (a reply's values, then its loss), and who contributed."""
+
+    total: np.ndarray
+    contributors: list[int]
 
 
 class Runtime(ABC):
