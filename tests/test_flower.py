@@ -12,9 +12,10 @@ pytest.importorskip("flwr")
 from flwr.app import Context, Error, Message, RecordDict
 
 from fedscalar import RunConfig, run
+from fedscalar.ledger import Ledger
 from fedscalar.rundir import RunDir
 from fedscalar.runtime.flower import client
-from fedscalar.runtime.flower.protocol import pack
+from fedscalar.runtime.flower.protocol import pack, unpack
 from fedscalar.runtime.flower.server import FlowerRuntime
 
 SMALL = dict(task="digits", clients=4, sampled=2, eval_every=5, batch_size=16)
@@ -438,3 +439,51 @@ def test_flower_simulation_engine_matches_the_local_simulator(tmp_path, algorith
     run(cfg.model_copy(update={"out": str(tmp_path / "local")}))
     run(cfg.model_copy(update={"out": str(tmp_path / "sim"), "runtime": "flower-simulation"}))
     _same_run(tmp_path / "local", tmp_path / "sim")
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_secure_aggregation_on_flower_matches_the_local_simulator(tmp_path):
+    """The four secure aggregation steps go through the grid, each node keeping its keys
+    and reply in its own context between them; the masks cancel exactly, so the ledger
+    and the byte counts are the simulator's."""
+    cfg = RunConfig(rounds=5, secure_aggregation=True, **{**SMALL, "sampled": 4})
+    run(cfg.model_copy(update={"out": str(tmp_path / "local")}))
+    grid = FakeGrid(4)
+    out = tmp_path / "flower"
+    _run_on(grid, cfg.model_copy(update={"out": str(out), "runtime": "flower"}))
+    _same_run(tmp_path / "local", out)
+    local, flower = RunDir(tmp_path / "local").read_metrics(), RunDir(out).read_metrics()
+    keys = ("bytes_up", "bytes_down", "contributors")
+    assert [[m.get(k) for k in keys] for m in flower] == [[m.get(k) for k in keys] for m in local]
+    assert sum(1 for kind, _ in grid.sent if kind == "train") == 5 * 4 * 4  # 4 steps a round
+
+
+class DropsAfterSharing(FakeGrid):
+    """Node 102 (client 2) never answers round 3's masking step, as if it died after
+    sharing its keys: the others' masks with it must be removed from the sum."""
+
+    def _deliver(self, messages):
+        kept = [
+            m
+            for m in messages
+            if not (
+                m.metadata.group_id == "3"
+                and m.metadata.dst_node_id == 102
+                and unpack(m.content).get("secagg") == "mask"
+            )
+        ]
+        return super()._deliver(kept)
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_a_node_lost_after_sharing_leaves_the_round_to_the_survivors(tmp_path):
+    cfg = RunConfig(rounds=4, secure_aggregation=True, reply_timeout=0.5, **{**SMALL, "sampled": 4})
+    out = tmp_path / "flower"
+    _run_on(DropsAfterSharing(4), cfg.model_copy(update={"out": str(out), "runtime": "flower"}))
+    metrics = RunDir(out).read_metrics()
+    assert metrics[3]["contributors"] == [0, 1, 3]
+    assert all(m["contributors"] == [0, 1, 2, 3] for m in metrics[1:3])
+    assert metrics[3]["rejected"] == 1 and metrics[3]["replies"] == 3
+    updates = Ledger.open(out / "ledger.bin").updates
+    # unremoved masks would leave values of order 2**39 in the mean
+    assert len(updates) == 4 and np.abs(updates[2].scalars).max() < 10

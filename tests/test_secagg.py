@@ -154,7 +154,6 @@ def test_local_dp_and_secure_aggregation_combine(tmp_path):
         (["--algorithm", "fedavg"], "for decomfl, hiso"),
         (["--aggregator", "median"], "cannot take the median"),
         (["--dp-epsilon", "3"], "use --dp-mode local"),
-        (["--runtime", "flower"], "local simulator only"),
     ],
 )
 def test_bad_secure_aggregation_options_exit_2_with_one_line(tmp_path, args, message):
@@ -163,3 +162,25 @@ def test_bad_secure_aggregation_options_exit_2_with_one_line(tmp_path, args, mes
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0]
+
+
+def test_clients_that_drop_before_sharing_are_left_out_of_the_masks():
+    values = _values(6, seed=2)
+    result = secure_sum(
+        values, rnd=5, drop_before_sharing=frozenset({1}), drop_after_sharing=frozenset({4})
+    )
+    assert result.survivors == [0, 2, 3, 5]
+    plain = np.sum([values[c] for c in result.survivors], axis=0)
+    assert np.max(np.abs(result.total - plain)) <= 6 * 2.0**-25
+
+
+def test_a_client_rebuilt_from_its_state_masks_the_same():
+    a, b, c = (secagg.SecAggClient(i, rnd=3) for i in range(3))
+    adverts = {p.cid: p.advertise() for p in (a, b, c)}
+    server = secagg.SecAggServer(3, threshold=2)
+    roster = server.roster(adverts)
+    boxes = server.route({p.cid: p.share_keys(roster, 2) for p in (a, b, c)})
+    again = secagg.SecAggClient.from_state(a.state())
+    x = np.array([0.5, -2.0])
+    assert again.masked_input(x, boxes[0]) == a.masked_input(x, boxes[0])
+    assert again.state() == a.state()

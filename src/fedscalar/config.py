@@ -349,8 +349,7 @@ class RunConfig(BaseModel):
     secure_aggregation: bool = Field(
         False,
         description="Secure aggregation: the sampled clients mask their replies so the "
-        "server learns only their sum (decomfl, hiso; at least 3 sampled; the local "
-        "simulator).",
+        "server learns only their sum (decomfl, hiso; at least 3 sampled).",
     )
     out: str | None = Field(None, description="Run folder; default: a new folder under runs/.")
 
@@ -537,10 +536,6 @@ class RunConfig(BaseModel):
             raise ValueError(
                 "secure_aggregation: central DP clips each reply on the server, which "
                 "secure aggregation hides from it; use --dp-mode local"
-            )
-        if self.runtime != "local":
-            raise ValueError(
-                f"secure_aggregation: runs in the local simulator only, not {self.runtime}"
             )
 
     def privacy_accounting(self):

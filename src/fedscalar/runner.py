@@ -440,6 +440,15 @@ class _Run:
         assert traffic.summed is not None
         contributors = sorted(traffic.summed.contributors)
         counts.update(replies=len(contributors), rejected=len(traffic.missing))
+        if len(contributors) < self.cfg.min_replies and self.cfg.short_round == "skip":
+            log.warning(
+                "round %d: %d clients in the secure sum, %d needed; skipped (recorded as a "
+                "no-op update)",
+                rnd,
+                len(contributors),
+                self.cfg.min_replies,
+            )
+            return self.server.skip(rnd, seeds), None, {**counts, "contributors": []}
         if len(contributors) < self.cfg.min_replies:
             raise ShortRound(
                 f"round {rnd}: {len(contributors)} clients in the secure sum, "

@@ -163,6 +163,37 @@ class SecAggClient:
     _roster: dict[int, tuple[bytes, bytes]] = field(default_factory=dict, repr=False)
     _held: dict[int, tuple[int, int]] = field(default_factory=dict, repr=False)
 
+    def state(self) -> dict[str, int | bytes]:
+        """What the client keeps between the round's messages (its secrets included:
+        it stays on the client, e.g. in a Flower node's own context)."""
+        roster = [
+            struct.pack("<I", v) + c_pub + s_pub for v, (c_pub, s_pub) in self._roster.items()
+        ]
+        return {
+            "cid": self.cid,
+            "rnd": self.rnd,
+            "c": _private_bytes(self._c),
+            "s": _private_bytes(self._s),
+            "b": self._b,
+            "roster": roster_bytes(roster),
+            "held_s": _shares_bytes({u: v[0] for u, v in self._held.items()}),
+            "held_b": _shares_bytes({u: v[1] for u, v in self._held.items()}),
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, int | bytes]) -> SecAggClient:
+        held_s, _ = _read_shares(bytes(state["held_s"]))  # type: ignore[arg-type]
+        held_b, _ = _read_shares(bytes(state["held_b"]))  # type: ignore[arg-type]
+        return cls(
+            int(state["cid"]),
+            int(state["rnd"]),
+            X25519PrivateKey.from_private_bytes(bytes(state["c"])),  # type: ignore[arg-type]
+            X25519PrivateKey.from_private_bytes(bytes(state["s"])),  # type: ignore[arg-type]
+            bytes(state["b"]),  # type: ignore[arg-type]
+            read_roster(bytes(state["roster"])),  # type: ignore[arg-type]
+            {u: (held_s[u], held_b[u]) for u in held_s},
+        )
+
     def advertise(self) -> bytes:
         """Step 1: the two public keys."""
         return struct.pack("<I", self.cid) + _public(self._c) + _public(self._s)
@@ -213,10 +244,10 @@ class SecAggClient:
             )
         y = encode(values)
         y += _prg(self._b, self.rnd, y.size)
-        for v, (_, s_pub) in self._roster.items():
+        for v in sorted(self._held):  # the clients that shared: they are in the sum's roster
             if v == self.cid:
                 continue
-            mask = _prg(_agree(self._s, s_pub, b"mask"), self.rnd, y.size)
+            mask = _prg(_agree(self._s, self._roster[v][1], b"mask"), self.rnd, y.size)
             y = y + mask if self.cid < v else y - mask
         return struct.pack("<II", self.cid, y.size) + y.tobytes()
 
@@ -254,6 +285,7 @@ class SecAggServer:
     rnd: int
     threshold: int
     adverts: dict[int, bytes] = field(default_factory=dict)
+    shared: list[int] = field(default_factory=list)  # the clients whose shares went out
     masked: dict[int, np.ndarray] = field(default_factory=dict)
 
     def roster(self, adverts: dict[int, bytes]) -> bytes:
@@ -261,25 +293,36 @@ class SecAggServer:
         return roster_bytes(list(self.adverts.values()))
 
     def route(self, outboxes: dict[int, bytes]) -> dict[int, bytes]:
-        """Step 2's ciphertexts, regrouped by recipient (the server reads ids only)."""
-        inbox: dict[int, list[bytes]] = {v: [] for v in self.adverts}
-        for sender, box in outboxes.items():
+        """Step 2's ciphertexts, regrouped by recipient (the server reads ids only); a
+        client that sent none (dropped before sharing) is out of the round."""
+        self.shared = sorted(outboxes)
+        if len(self.shared) < self.threshold:
+            raise SecAggError(
+                f"round {self.rnd}: {len(self.shared)} clients shared keys, {self.threshold} needed"
+            )
+        inbox: dict[int, list[bytes]] = {v: [] for v in self.shared}
+        for sender, box in sorted(outboxes.items()):
             (count,) = struct.unpack_from("<I", box)
             at = 4
             for _ in range(count):
                 recipient, size = struct.unpack_from("<II", box, at)
                 item = box[at + 8 : at + 20 + size]
-                inbox[recipient].append(struct.pack("<II", sender, size) + item)
+                if recipient in inbox:
+                    inbox[recipient].append(struct.pack("<II", sender, size) + item)
                 at += 20 + size
         return {v: struct.pack("<I", len(items)) + b"".join(items) for v, items in inbox.items()}
 
-    def receive(self, wire: bytes) -> None:
+    def receive(self, wire: bytes) -> int:
+        """Take one masked input; return the client it came from."""
         cid, size = struct.unpack_from("<II", wire)
+        if cid not in self.shared or len(wire) != 8 + 8 * size:
+            raise SecAggError(f"round {self.rnd}: a masked input that is not the round's")
         self.masked[cid] = np.frombuffer(wire, dtype=np.uint64, count=size, offset=8).copy()
+        return cid
 
     def unmask_request(self) -> bytes:
         survivors = sorted(self.masked)
-        dropped = sorted(set(self.adverts) - set(self.masked))
+        dropped = sorted(set(self.shared) - set(self.masked))
         if len(survivors) < self.threshold:
             raise SecAggError(
                 f"round {self.rnd}: {len(survivors)} masked inputs, {self.threshold} needed"
@@ -289,7 +332,7 @@ class SecAggServer:
     def total(self, answers: dict[int, bytes]) -> np.ndarray:
         """The survivors' sum (floats) from the unmasking answers."""
         survivors = sorted(self.masked)
-        dropped = sorted(set(self.adverts) - set(self.masked))
+        dropped = sorted(set(self.shared) - set(self.masked))
         b_shares: dict[int, dict[int, int]] = {u: {} for u in survivors}
         s_shares: dict[int, dict[int, int]] = {u: {} for u in dropped}
         for holder, wire in answers.items():
@@ -333,11 +376,13 @@ def secure_sum(
     threshold: int | None = None,
     drop_after_sharing: frozenset[int] = frozenset(),
     tamper: tuple[int, int] | None = None,
+    drop_before_sharing: frozenset[int] = frozenset(),
 ) -> Exchange:
     """Run the four steps in process for ``values`` (client id -> vector): the server
     object sees only the messages. ``drop_after_sharing`` clients vanish after step 2
-    (their masked input never arrives); ``tamper = (sender, recipient)`` flips a bit of
-    that share in transit (to test that it is caught)."""
+    (their masked input never arrives), ``drop_before_sharing`` ones after step 1;
+    ``tamper = (sender, recipient)`` flips a bit of that share in transit (to test that
+    it is caught)."""
     ids = sorted(values)
     if len(ids) < 3:
         raise SecAggError(f"secure aggregation needs at least 3 clients, got {len(ids)}")
@@ -352,12 +397,14 @@ def secure_sum(
     for c in ids:
         up[c] += len(adverts[c])
         down[c] += len(roster)
+        if c in drop_before_sharing:
+            continue
         outboxes[c] = clients[c].share_keys(roster, t)
         up[c] += len(outboxes[c])
     inboxes = server.route(outboxes)
     if tamper is not None:
         inboxes[tamper[1]] = _flip(inboxes[tamper[1]], tamper[0])
-    for c in ids:
+    for c in server.shared:
         down[c] += len(inboxes[c])
         if c in drop_after_sharing:
             continue

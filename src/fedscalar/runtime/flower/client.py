@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import safetensors.torch
 from flwr.app import ConfigRecord, Context, Message
 from flwr.clientapp import ClientApp
@@ -40,8 +41,10 @@ from fedscalar.messages import (
     encode,
 )
 from fedscalar.params import ParamSpace
+from fedscalar.privacy.secagg import SecAggClient, SecAggError
 from fedscalar.rundir import RunDir
 from fedscalar.runtime.flower.protocol import RECORD, pack, unpack
+from fedscalar.runtime.local import reply_vector
 from fedscalar.tasks import build_task
 from fedscalar.tasks.hf import cache_dir
 
@@ -215,10 +218,37 @@ def query(message: Message, context: Context) -> Message:
     return Message(pack(partition=pid, round=session.round), reply_to=message)
 
 
+SECAGG = "fedscalar-secagg"
+"""The node's record of the round's secure aggregation (its keys stay on the node)."""
+
+
+def _secagg(message: Message, context: Context, values: dict[str, Any]) -> Message:
+    """Secure aggregation's steps 2-4 on this node (step 1 came with its training)."""
+    kept = dict(context.state[SECAGG]) if SECAGG in context.state else {}
+    if kept.get("rnd") != values.get("round"):
+        raise ProtocolError(f"no secure aggregation under way for round {values.get('round')}")
+    party = SecAggClient.from_state(kept)
+    step = values["secagg"]
+    if step == "share":
+        out = party.share_keys(bytes(values["roster"]), int(values["threshold"]))
+    elif step == "mask":
+        vector = np.frombuffer(bytes(kept["vector"]), dtype=np.float64)
+        out = party.masked_input(vector, bytes(values["inbox"]))
+    elif step == "unmask":
+        out = party.unmask(bytes(values["request"]))
+    else:
+        raise ProtocolError(f"unknown secure aggregation step {step!r}")
+    context.state[SECAGG] = ConfigRecord({**party.state(), "vector": kept["vector"]})
+    return Message(pack(secagg=out), reply_to=message)
+
+
 def train(message: Message, context: Context) -> Message:
-    """Decode the round's messages, run the client, reply with its encoded message."""
+    """Decode the round's messages, run the client, reply with its encoded message (under
+    secure aggregation: keep the reply and answer with the keys of its step 1)."""
     try:
         values = unpack(message.content)
+        if "secagg" in values:
+            return _secagg(message, context, values)
         session = _session(context, str(values["run"]), None)
         if session is None:
             return Message(pack(setup=True), reply_to=message)
@@ -230,8 +260,13 @@ def train(message: Message, context: Context) -> Message:
         _load_own_state(context, session)
         reply = session.client.handle(messages, data)
         _note_applied(context, session, messages, pid)
+        if values.get("secure") is True:
+            party = SecAggClient(pid, reply.round)  # type: ignore[attr-defined]
+            vector = reply_vector(reply).tobytes()
+            context.state[SECAGG] = ConfigRecord({**party.state(), "vector": vector})
+            return Message(pack(advert=party.advertise()), reply_to=message)
         return Message(pack(reply=encode(reply)), reply_to=message)
-    except (MessageError, ProtocolError, ValueError, KeyError, TypeError) as e:
+    except (MessageError, ProtocolError, SecAggError, ValueError, KeyError, TypeError) as e:
         return _error(message, e)
 
 

@@ -9,6 +9,11 @@ Every Flower message holds one `ConfigRecord` named ``fedscalar``:
   messages: catch-up, then the request). Reply: ``reply`` (the encoded fedscalar reply),
   or ``behind`` (the node's model holds fewer rounds than the catch-up assumed: a node
   that restarted), or ``setup`` (the node does not know the run), or ``error``.
+- under secure aggregation, ``train`` also carries ``secure`` and the node answers
+  ``advert`` (its public keys) in place of ``reply``, keeping the reply; then three more
+  ``train`` messages a round carry ``secagg`` (the step: ``share`` with ``roster`` and
+  ``threshold``, ``mask`` with ``inbox``, ``unmask`` with ``request``) and ``round``, and
+  are answered with ``secagg`` (the step's bytes; `fedscalar.privacy.secagg`).
 
 Payload bytes (what `fedscalar.runner` reports) are the fedscalar messages only; the
 query, the record keys and Flower's own framing are transport overhead.

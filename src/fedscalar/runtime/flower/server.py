@@ -14,11 +14,13 @@ import logging
 import time
 from collections.abc import Iterable
 
+import numpy as np
 from flwr.app import Message
 from flwr.serverapp import Grid
 
 from fedscalar.messages import encode
-from fedscalar.runtime.base import RoundTraffic, RunSetup, Runtime
+from fedscalar.privacy.secagg import SecAggError, SecAggServer, default_threshold
+from fedscalar.runtime.base import RoundTraffic, RunSetup, Runtime, Summed
 from fedscalar.runtime.flower.protocol import QUERY, TRAIN, pack, run_key, unpack
 
 log = logging.getLogger("fedscalar")
@@ -38,6 +40,7 @@ class FlowerRuntime(Runtime):
         self.grid, self.server, self.cfg = grid, run.server, run.cfg
         self.key, self.toml = run_key(run.cfg), run.cfg.to_toml()
         self.timeout = run.cfg.reply_timeout
+        self.secure = run.cfg.secure_aggregation
         self.nodes: dict[int, int] = {}  # client id -> node id
         self.queried: set[int] = set()
         self.pending: dict[str, tuple[int, float]] = {}  # set-up query id -> (node, sent at)
@@ -180,7 +183,81 @@ class FlowerRuntime(Runtime):
             if not again:
                 break
             todo = again
+        if self.secure:
+            self._secure(rnd, traffic)
         return traffic
+
+    def _secure(self, rnd: int, traffic: RoundTraffic) -> None:
+        """Secure aggregation's steps 2-4 with the clients whose keys came back with
+        their training answer; the server ends up with their sum only. A failure (too
+        few clients left, a tampered share) leaves the round without contributors."""
+        adverts, traffic.replies = traffic.replies, {}
+        server = SecAggServer(rnd, default_threshold(len(adverts)))
+        try:
+            if len(adverts) < 3:
+                raise SecAggError(f"{len(adverts)} clients trained, at least 3 needed")
+            roster = server.roster(adverts)
+            share = {c: {"roster": roster, "threshold": server.threshold} for c in adverts}
+            inboxes = server.route(self._phase(rnd, "share", share, traffic))
+            masked = self._phase(
+                rnd, "mask", {c: {"inbox": b} for c, b in inboxes.items()}, traffic
+            )
+            for wire in masked.values():
+                server.receive(wire)
+            request = server.unmask_request()
+            ask = {c: {"request": request} for c in sorted(server.masked)}
+            total = server.total(self._phase(rnd, "unmask", ask, traffic))
+            traffic.summed = Summed(total, sorted(server.masked))
+        except SecAggError as e:
+            log.warning("round %d: secure aggregation failed: %s", rnd, e)
+            for cid in adverts:
+                traffic.missing.setdefault(cid, f"secure aggregation failed: {e}")
+            traffic.summed = Summed(np.zeros(0), [])
+
+    def _phase(
+        self, rnd: int, step: str, payloads: dict[int, dict[str, bytes | int]], traffic
+    ) -> dict[int, bytes]:
+        """One secure aggregation step: send each client its payload, return the bytes
+        each answered with (a client that did not is named in ``traffic.missing``)."""
+        out, sent = [], {}
+        for cid, extra in payloads.items():
+            node = self.nodes.get(cid)
+            if node is None:
+                traffic.missing[cid] = "no node with this partition-id is set up"
+                continue
+            traffic.bytes_down += sum(len(v) for v in extra.values() if isinstance(v, bytes))
+            content = pack(run=self.key, secagg=step, round=rnd, **extra)
+            out.append(
+                Message(
+                    content,
+                    dst_node_id=node,
+                    message_type=TRAIN,
+                    group_id=str(rnd),
+                    ttl=self.timeout,
+                )
+            )
+            sent[node] = cid
+        answers = {a.metadata.src_node_id: a for a in self._send_and_receive(out)}
+        got: dict[int, bytes] = {}
+        for node, cid in sent.items():
+            answer = answers.get(node)
+            if answer is None:
+                traffic.missing[cid] = f"no {step} answer within {self.timeout:g} s"
+                self._silenced(cid, node)
+                continue
+            if answer.has_error():
+                traffic.missing[cid] = f"node error: {answer.error.reason}"
+                continue
+            try:
+                value = unpack(answer.content).get("secagg")
+            except ValueError:
+                value = None
+            if not isinstance(value, bytes):
+                traffic.missing[cid] = f"unusable {step} answer"
+                continue
+            got[cid] = value
+            traffic.bytes_up += len(value)
+        return got
 
     def _exchange(self, rnd, lr, seeds, todo, traffic: RoundTraffic, final: bool) -> list[int]:
         """Send to each client in ``todo``; return the ones to ask once more."""
@@ -193,7 +270,7 @@ class FlowerRuntime(Runtime):
             wire = [encode(m) for m in self.server.messages_for(cid, rnd, lr, seeds)]
             traffic.bytes_down += sum(len(w) for w in wire)
             msg = Message(
-                pack(run=self.key, messages=wire),
+                pack(run=self.key, messages=wire, **({"secure": True} if self.secure else {})),
                 dst_node_id=node,
                 message_type=TRAIN,
                 group_id=str(rnd),
@@ -220,9 +297,10 @@ class FlowerRuntime(Runtime):
         except ValueError as e:
             traffic.missing[cid] = str(e)
             return []
-        if "reply" in values and isinstance(values["reply"], bytes):
-            traffic.replies[cid] = values["reply"]
-            traffic.bytes_up += len(values["reply"])
+        key = "advert" if self.secure else "reply"  # secure: the reply stays on the node
+        if key in values and isinstance(values[key], bytes):
+            traffic.replies[cid] = values[key]
+            traffic.bytes_up += len(values[key])
             traffic.missing.pop(cid, None)
             return []
         if not final and isinstance(values.get("behind"), int):
