@@ -430,12 +430,12 @@ def test_a_hostile_node_is_left_out(tmp_path, answer, reason):
 @pytest.mark.parametrize(
     "algorithm,extra",
     [
-        ("decomfl", {}),
+        ("decomfl", dict(secure_aggregation=True, sampled=3)),  # four messages a round
         ("hiso", dict(dp_noise_multiplier=0.5, dp_mode="local", dp_seed=3)),  # clients noise
     ],
 )
 def test_flower_simulation_engine_matches_the_local_simulator(tmp_path, algorithm, extra):
-    cfg = RunConfig(algorithm=algorithm, rounds=6, **SMALL, **extra)
+    cfg = RunConfig(algorithm=algorithm, rounds=6, **{**SMALL, **extra})
     run(cfg.model_copy(update={"out": str(tmp_path / "local")}))
     run(cfg.model_copy(update={"out": str(tmp_path / "sim"), "runtime": "flower-simulation"}))
     _same_run(tmp_path / "local", tmp_path / "sim")
