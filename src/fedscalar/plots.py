@@ -140,6 +140,10 @@ def plot_privacy(
             mean, _ = plain[label]
             ax.axhline(mean, ls=":", color=color, label=f"{label}, no DP")
     ax.set_xscale("log")
+    budgets = sorted({e for points in curves.values() for e, _, _ in points})
+    if budgets:
+        ax.set_xticks(budgets, [f"{e:g}" for e in budgets])
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set(xlabel="privacy budget epsilon (log)", ylabel="final test accuracy", title=title)
     ax.set_ylim(0.0, 1.0)
     ax.grid(alpha=0.3)
