@@ -138,7 +138,7 @@ def test_flower_runtime_matches_the_local_simulator(tmp_path, algorithm):
 
 @pytest.mark.parametrize(
     "algorithm,mode,noise",
-    [("decomfl", "central", 0.5), ("hiso", "local", 0.5), ("fedavg", "central", 0.01)],
+    [("decomfl", "central", 0.5), ("hiso", "local", 0.5)],
 )
 @pytest.mark.usefixtures("server_identity")
 def test_private_runs_on_flower_match_the_local_simulator(tmp_path, algorithm, mode, noise):
