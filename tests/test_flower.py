@@ -430,7 +430,7 @@ def test_a_hostile_node_is_left_out(tmp_path, answer, reason):
 @pytest.mark.parametrize(
     "algorithm,extra",
     [
-        ("decomfl", dict(secure_aggregation=True, sampled=3)),  # four messages a round
+        ("decomfl", {}),
         ("hiso", dict(dp_noise_multiplier=0.5, dp_mode="local", dp_seed=3)),  # clients noise
     ],
 )

@@ -439,6 +439,8 @@ class _Run:
         """A round under secure aggregation: the server has the contributors' sum only."""
         assert traffic.summed is not None
         contributors = sorted(traffic.summed.contributors)
+        for cid, reason in sorted(traffic.missing.items()):
+            log.warning("round %d: client %d left out of the secure sum: %s", rnd, cid, reason)
         counts.update(replies=len(contributors), rejected=len(traffic.missing))
         if len(contributors) < self.cfg.min_replies and self.cfg.short_round == "skip":
             log.warning(
