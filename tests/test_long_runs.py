@@ -125,3 +125,31 @@ def test_training_processes_stop_cleanly_when_the_comparison_dies(tmp_path):
     assert summary is not None and summary["status"] == "interrupted"
     history = RunDir(folder).read_metrics()  # a consistent prefix: resumable
     assert [m["round"] for m in history] == list(range(len(history)))
+
+
+def test_an_orphaned_run_stops_after_the_round_even_if_its_interrupt_was_swallowed(tmp_path):
+    """Python drops a KeyboardInterrupt that lands in a finaliser; the round check still
+    stops the run, cleanly and resumable."""
+    import threading
+
+    from fedscalar.api import run
+    from fedscalar.config import RunConfig
+    from fedscalar.runner import RunFailed
+
+    orphaned = threading.Event()
+    check = cmp._orphan_check(orphaned)
+
+    def on_round(record):
+        if record["round"] == 3:
+            orphaned.set()  # the watcher saw the comparison die; its interrupt was lost
+        check(record)
+
+    cfg = RunConfig(task="digits", rounds=50, eval_every=10, out=str(tmp_path / "r"))
+    try:
+        run(cfg, on_round=on_round)
+        raise AssertionError("the orphaned run kept training")
+    except RunFailed as e:
+        assert e.code == 130
+    rd = RunDir(tmp_path / "r")
+    assert rd.read_summary()["status"] == "interrupted"
+    assert [m["round"] for m in rd.read_metrics()] == [0, 1, 2, 3]

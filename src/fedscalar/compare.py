@@ -25,6 +25,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import shutil
+import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -329,16 +330,18 @@ def state_of(folder: Path, cfg: RunConfig) -> str:
     return "done" if finished else "resume"
 
 
-def _stop_with_parent(every: float = 2.0) -> None:
+def _stop_with_parent(every: float = 2.0) -> threading.Event:
     """Interrupt this training process (as Ctrl-C would: the run stops cleanly, resumable)
     if the comparison that started it dies, so that no orphan keeps writing to a run
-    folder that a new comparison will resume."""
+    folder that a new comparison will resume. Returns the event set at that moment: an
+    interrupt that lands in a finaliser is swallowed by Python, so the run also checks
+    the event after every round (`_orphan_check`)."""
     import _thread
     import signal
-    import threading
     import time
 
     parent = os.getppid()
+    orphaned = threading.Event()
     # a comparison started in the background (`nohup ... &`) passes SIGINT on ignored, and
     # interrupt_main() does nothing for an ignored signal: restore Python's handler
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -346,9 +349,21 @@ def _stop_with_parent(every: float = 2.0) -> None:
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(every)
+        orphaned.set()
         _thread.interrupt_main()
 
     threading.Thread(target=watch, daemon=True).start()
+    return orphaned
+
+
+def _orphan_check(orphaned: threading.Event) -> Callable[[dict[str, Any]], None]:
+    """An ``on_round`` callback that stops the run once ``orphaned`` is set."""
+
+    def check(_record: dict[str, Any]) -> None:
+        if orphaned.is_set():
+            raise KeyboardInterrupt
+
+    return check
 
 
 def _train(cfg_toml: str, mode: str, threads: int) -> dict[str, Any]:
@@ -363,17 +378,19 @@ def _train(cfg_toml: str, mode: str, threads: int) -> dict[str, Any]:
 
     logging.getLogger("fedscalar").propagate = False
     torch.set_num_threads(threads)
-    _stop_with_parent()
+    orphaned = _stop_with_parent()
     cfg = build_config_text(cfg_toml)
+    # the Flower simulation runs its server elsewhere and takes no round callback
+    check = None if cfg.runtime == "flower-simulation" else _orphan_check(orphaned)
     folder = Path(cfg.out or ".")
     if mode == "new" and folder.exists():
         shutil.rmtree(folder)  # a start that never wrote its first metrics line
     try:
         if mode == "resume":
             overrides = {k: getattr(cfg, k) for k in RESUMABLE_CHANGES if k != "runtime"}
-            result = run(resume=True, resume_overrides=overrides)
+            result = run(resume=True, resume_overrides=overrides, on_round=check)
             return result.summary
-        return run(cfg).summary
+        return run(cfg, on_round=check).summary
     except RunFailed as e:
         summary = RunDir(folder).read_summary() or {}
         return {**summary, "status": summary.get("status", "failed"), "error": str(e)}
