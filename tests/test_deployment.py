@@ -1,5 +1,6 @@
 """A real Flower deployment on loopback: SuperLink, 3 SuperNodes, one crashes and returns,
-on digits and with a (tiny) language model that each node loads once."""
+on digits and with a (tiny) language model that each node loads once; over TLS, a private
+run (secure aggregation, local DP) gives the simulator's ledger."""
 
 import json
 import os
@@ -85,20 +86,28 @@ def test_deployment_survives_a_supernode_crash(tmp_path, task, request):
         assert worker_log.read_text().count("node set up") == 1, worker_log.read_text()
 
 
-def test_a_tls_deployment_with_node_authentication_runs_fedscalar(tmp_path):
-    """TLS to the SuperLink with a CA made here, and only registered SuperNode keys."""
-    config = tmp_path / "run.toml"
-    config.write_text(
-        'task = "digits"\nalgorithm = "decomfl"\nclients = 2\nsampled = 2\nrounds = 3\n'
-        "eval_every = 3\nreply_timeout = 30.0\n"
+def test_a_tls_deployment_with_node_authentication_runs_fedscalar_privately(tmp_path):
+    """TLS to the SuperLink with a CA made here, and only registered SuperNode keys; the
+    run under secure aggregation and local DP gives the local simulator's ledger."""
+    from fedscalar.api import run
+    from fedscalar.config import build_config_text
+
+    text = (
+        'task = "digits"\nalgorithm = "decomfl"\nclients = 3\nsampled = 3\nrounds = 3\n'
+        'eval_every = 3\nreply_timeout = 30.0\nsecure_aggregation = true\ndp_mode = "local"\n'
+        "dp_noise_multiplier = 0.5\ndp_seed = 3\n"
     )
+    config = tmp_path / "run.toml"
+    config.write_text(text)
+    local = tmp_path / "local"
+    run(build_config_text(text).model_copy(update={"out": str(local)}))
     out = tmp_path / "run"
-    with LocalDeployment(nodes=2, home=tmp_path / "deployment", tls=True) as dep:
+    with LocalDeployment(nodes=3, home=tmp_path / "deployment", tls=True) as dep:
         link = dep.procs["superlink"].args
         assert "--insecure" not in link and "--enable-supernode-auth" in link
         assert all("--insecure" not in p.args for n, p in dep.procs.items() if n != "superlink")
         dep.submit(config, out)
-        summary = dep.wait_for(out, patience=240)
+        summary = dep.wait_for(out, patience=300)
         # a SuperNode whose key was never registered is turned away
         stranger = make_certificates(tmp_path / "stranger", 1).node_keys[0]
         dep.certs.node_keys[1].write_bytes(stranger.read_bytes())  # node 1's key, replaced
@@ -106,7 +115,8 @@ def test_a_tls_deployment_with_node_authentication_runs_fedscalar(tmp_path):
         assert dep.procs["supernode1"].wait(timeout=120) != 0
     assert summary["status"] == "completed" and summary["rounds"] == 3
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert all(m["replies"] == 2 for m in metrics[1:])
+    assert all(m["contributors"] == [0, 1, 2] for m in metrics[1:])
+    assert (out / "ledger.bin").read_bytes() == (local / "ledger.bin").read_bytes()
     weights, _ = rebuild(out)
     checkpoint, _ = RunDir.load_tensors(RunDir(out).checkpoint)
     assert all(torch.equal(weights[n], checkpoint[n]) for n in weights)

@@ -14,7 +14,7 @@ from flwr.app import Context, Error, Message, RecordDict
 from fedscalar import RunConfig, run
 from fedscalar.ledger import Ledger
 from fedscalar.rundir import RunDir
-from fedscalar.runtime.flower import client
+from fedscalar.runtime.flower import client, server
 from fedscalar.runtime.flower.protocol import pack, unpack
 from fedscalar.runtime.flower.server import FlowerRuntime
 
@@ -169,7 +169,6 @@ def test_private_runs_on_flower_match_the_local_simulator(tmp_path, algorithm, m
 
 @pytest.mark.usefixtures("server_identity")
 def test_a_node_that_missed_its_set_up_query_is_asked_again(tmp_path, monkeypatch):
-    from fedscalar.runtime.flower import server
 
     class LosesFirstQuery(FakeGrid):
         lost = False
@@ -298,7 +297,6 @@ def test_nodes_snapshot_their_model_and_replay_a_short_tail(tmp_path, monkeypatc
 def test_a_set_up_query_that_expired_unread_is_sent_again(tmp_path, monkeypatch):
     """Flower answers a pull for a query that expired (ttl) with an error message in
     place of the node's answer: that node is asked again, not dropped for the run."""
-    from fedscalar.runtime.flower import server
 
     class ExpiresFirstQuery(FakeGrid):
         expired = False
@@ -432,6 +430,7 @@ def test_a_hostile_node_is_left_out(tmp_path, answer, reason):
     [
         ("decomfl", {}),
         ("hiso", dict(dp_noise_multiplier=0.5, dp_mode="local", dp_seed=3)),  # clients noise
+        ("decomfl", dict(secure_aggregation=True, sampled=4)),  # keys kept in node contexts
     ],
 )
 def test_flower_simulation_engine_matches_the_local_simulator(tmp_path, algorithm, extra):
@@ -473,6 +472,41 @@ class DropsAfterSharing(FakeGrid):
             )
         ]
         return super()._deliver(kept)
+
+
+class DropsAfterSharingOnce(DropsAfterSharing):
+    """As `DropsAfterSharing`, for the first masking step of round 3 only."""
+
+    dropped = False
+
+    def _deliver(self, messages):
+        if self.dropped:
+            return FakeGrid._deliver(self, messages)
+        kept = super()._deliver(messages)
+        self.dropped = len(kept) < len(messages)
+        return kept
+
+
+@pytest.mark.usefixtures("server_identity")
+def test_a_secure_round_short_of_min_replies_is_asked_again_whole(tmp_path, monkeypatch):
+    """A secure sum cannot take a late client in: the whole round is run again, and the
+    run ends as the simulator's."""
+    monkeypatch.setattr(server, "QUERY_RETRY", 0.0)
+    cfg = RunConfig(
+        rounds=4,
+        secure_aggregation=True,
+        reply_timeout=0.5,
+        min_replies=4,
+        **{**SMALL, "sampled": 4},
+    )
+    run(cfg.model_copy(update={"out": str(tmp_path / "local")}))
+    out = tmp_path / "flower"
+    grid = DropsAfterSharingOnce(4)
+    _run_on(grid, cfg.model_copy(update={"out": str(out), "runtime": "flower"}))
+    assert grid.dropped
+    assert "round 3: 3 clients in the secure sum, 4 needed" in (out / "run.log").read_text()
+    _same_run(tmp_path / "local", out)
+    assert [m.get("contributors") for m in RunDir(out).read_metrics()[1:]] == [[0, 1, 2, 3]] * 4
 
 
 @pytest.mark.usefixtures("server_identity")

@@ -398,8 +398,20 @@ class _Run:
             traffic = self.runtime.run_round(rnd, lr, seeds, pending)
             counts["bytes_up"] += traffic.bytes_up
             counts["bytes_down"] += traffic.bytes_down
-            if traffic.summed is not None:
-                return self._secure_round(rnd, lr, seeds, traffic, counts)
+            if traffic.summed is not None:  # a secure sum is all or nothing: ask everyone
+                short = len(traffic.summed.contributors) < cfg.min_replies
+                if not short or attempt + 1 == attempts:
+                    return self._secure_round(rnd, lr, seeds, traffic, counts)
+                log.warning(
+                    "round %d: %d clients in the secure sum, %d needed (%s); asking clients "
+                    "%s again",
+                    rnd,
+                    len(traffic.summed.contributors),
+                    cfg.min_replies,
+                    "; ".join(f"client {c}: {r}" for c, r in sorted(traffic.missing.items())),
+                    clients,
+                )
+                continue
             for cid, reason in traffic.missing.items():
                 problems[cid] = RejectedReply(reason)
             for cid, wire in traffic.replies.items():

@@ -7,6 +7,8 @@ deterministic.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import numpy as np
 
 AGGREGATORS = ("mean", "median", "trimmed-mean", "krum")
@@ -15,6 +17,25 @@ AGGREGATORS = ("mean", "median", "trimmed-mean", "krum")
 def default_krum_f(replies: int) -> int:
     """The most faulty replies Krum tolerates among ``replies``: it needs n > 2f + 2."""
     return max(0, (replies - 3) // 2)
+
+
+class PrivateMean(Protocol):
+    def private_mean(self, rows: np.ndarray, rnd: int) -> np.ndarray: ...
+
+
+def combine(
+    rows: np.ndarray,
+    rnd: int,
+    rule: str,
+    trim_fraction: float,
+    krum_f: int | None,
+    dp: PrivateMean | None = None,
+) -> np.ndarray:
+    """A server's combined row for round ``rnd``: under central DP (``dp``) the noised
+    mean of the clipped rows, else `aggregate` by ``rule``."""
+    if dp is not None:
+        return dp.private_mean(rows, rnd)
+    return aggregate(rows, rule, trim_fraction, krum_f)
 
 
 def aggregate(rows: np.ndarray, rule: str, trim_fraction: float = 0.2, krum_f: int | None = None):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from fedscalar import schedule
-from fedscalar.algorithms.aggregators import aggregate
+from fedscalar.algorithms.aggregators import combine
 from fedscalar.algorithms.base import (
     Client,
     ClientData,
@@ -143,11 +143,7 @@ class FedAvgServer(Server):
     def aggregate(self, rnd, lr, seeds, replies):
         cids = sorted(replies)
         rows = np.stack([dense(replies[c], self.space.numel) for c in cids])
-        change = (
-            self.dp.private_mean(rows, rnd)
-            if self.dp is not None
-            else aggregate(rows, self.aggregator, self.trim_fraction, self.krum_f)
-        )
+        change = combine(rows, rnd, self.aggregator, self.trim_fraction, self.krum_f, self.dp)
         new = (self.global_weights.double() + torch.from_numpy(change)).float()
         check_finite("the updated weights", rnd, float(new.sum()))
         self.global_weights = new

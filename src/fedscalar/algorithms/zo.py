@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from fedscalar import arithmetic
-from fedscalar.algorithms.aggregators import aggregate
+from fedscalar.algorithms.aggregators import combine
 from fedscalar.algorithms.base import (
     Client,
     ClientData,
@@ -343,11 +343,7 @@ class ZOServer(ReplayServer):
         cids = sorted(replies)
         shape = self._shape(seeds)
         rows = np.stack([replies[c].scalars.astype(np.float64).reshape(-1) for c in cids])
-        gbar = (
-            self.dp.private_mean(rows, rnd)
-            if self.dp is not None
-            else aggregate(rows, self.aggregator, self.trim_fraction, self.krum_f)
-        )
+        gbar = combine(rows, rnd, self.aggregator, self.trim_fraction, self.krum_f, self.dp)
         gbar = gbar.reshape(shape).astype(np.float32)
         losses = [replies[c].loss for c in cids]
         update = GlobalUpdate(rnd, float(np.float32(lr)), tuple(seeds), gbar)

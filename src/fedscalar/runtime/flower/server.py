@@ -36,7 +36,19 @@ REPLY_POLL = 0.02
 
 
 class FlowerRuntime(Runtime):
-    def __init__(self, grid: Grid, run: RunSetup, wait_for_nodes: float | None = None):
+    def __init__(
+        self,
+        grid: Grid,
+        run: RunSetup,
+        wait_for_nodes: float | None = None,
+        query_retry: float | None = None,
+    ):
+        """``wait_for_nodes``: seconds to wait at the start for every client id to have a
+        node (default `NODE_PATIENCE`, or ``reply_timeout`` when longer); ``query_retry``:
+        seconds after which an unanswered set-up query is sent again (`QUERY_RETRY`).
+        The simulation engine runs two messages for one node side by side, the last
+        context written winning: there a query is sent again only once the last expired.
+        """
         self.grid, self.server, self.cfg = grid, run.server, run.cfg
         self.key, self.toml = run_key(run.cfg), run.cfg.to_toml()
         self.timeout = run.cfg.reply_timeout
@@ -46,7 +58,8 @@ class FlowerRuntime(Runtime):
         self.pending: dict[str, tuple[int, float]] = {}  # set-up query id -> (node, sent at)
         self.retry: dict[int, float] = {}  # node whose set-up failed -> when it was asked
         self.refused: set[int] = set()  # nodes whose answers do not fit the run
-        self.query_ttl = max(self.timeout, NODE_PATIENCE)
+        self.query_retry = QUERY_RETRY if query_retry is None else query_retry
+        self.query_ttl = max(self.timeout, NODE_PATIENCE, self.query_retry)
         patience = max(self.timeout, NODE_PATIENCE) if wait_for_nodes is None else wait_for_nodes
         self._await_nodes(patience)
 
@@ -66,7 +79,7 @@ class FlowerRuntime(Runtime):
 
         Set-up queries are not waited for: a node whose ClientApp starts slowly answers
         later, and its answer is read at the next refresh (every round). A node still
-        unanswered after `QUERY_RETRY` s is asked again; the earlier query's answer stays
+        unanswered after ``query_retry`` s is asked again; the earlier query's answer stays
         welcome until its ttl (`NODE_PATIENCE` s at least) runs out.
         """
         alive = set(self.grid.get_node_ids())
@@ -84,7 +97,8 @@ class FlowerRuntime(Runtime):
             newest[node] = max(newest.get(node, sent), sent)
         set_up = set(self.nodes.values())
         for node in self.queried & alive - set_up - self.refused:
-            if now - newest.get(node, self.retry.get(node, -QUERY_RETRY)) >= QUERY_RETRY:
+            last = newest.get(node, self.retry.get(node, -self.query_retry))
+            if now - last >= self.query_retry:
                 self.queried.discard(node)  # unanswered (or failed) for long enough
         new = sorted(alive - self.queried)
         if new:
@@ -96,7 +110,7 @@ class FlowerRuntime(Runtime):
     def _read_answers(self) -> None:
         """Adopt the nodes whose set-up answers have arrived. An error in place of an
         answer (the query expired unread, or the node failed) is no answer: the node is
-        asked again `QUERY_RETRY` s after that query; a node whose answer does not fit
+        asked again ``query_retry`` s after that query; a node whose answer does not fit
         the run is not asked again."""
         if not self.pending:
             return
@@ -150,7 +164,7 @@ class FlowerRuntime(Runtime):
 
     def _silenced(self, cid: int, node: int) -> None:
         """A node that let a round's message time out gets no more rounds until it
-        answers a set-up query again (sent at the next refresh and every `QUERY_RETRY` s
+        answers a set-up query again (sent at the next refresh and every ``query_retry`` s
         while Flower lists it): a dead node, which Flower keeps listing for about a
         minute, costs one timeout; a slow or restarted one comes back set up."""
         if self.nodes.get(cid) == node:
@@ -249,11 +263,13 @@ class FlowerRuntime(Runtime):
                 traffic.missing[cid] = f"node error: {answer.error.reason}"
                 continue
             try:
-                value = unpack(answer.content).get("secagg")
+                values = unpack(answer.content)
             except ValueError:
-                value = None
+                values = {}
+            value = values.get("secagg")
             if not isinstance(value, bytes):
-                traffic.missing[cid] = f"unusable {step} answer"
+                said = f": {values['error']}" if isinstance(values.get("error"), str) else ""
+                traffic.missing[cid] = f"unusable {step} answer{said}"
                 continue
             got[cid] = value
             traffic.bytes_up += len(value)

@@ -20,6 +20,11 @@ from fedscalar.runtime.flower import QUIET_ENV
 from fedscalar.runtime.flower.client import client_app
 from fedscalar.runtime.flower.server import FlowerRuntime
 
+STARTUP_PATIENCE = 900.0
+"""Seconds the server waits for every virtual node's first answer, asking each once: each
+node exists and will answer, only Ray's start on a loaded machine delays them (past two
+minutes), and a second query run beside the first could overwrite the node's context."""
+
 
 def simulate(cfg: RunConfig, *, resume: bool, progress: bool, workers: int | None = None):
     """Run ``cfg`` (already resolved) on the simulation engine; return the `RunResult`."""
@@ -33,7 +38,10 @@ def simulate(cfg: RunConfig, *, resume: bool, progress: bool, workers: int | Non
     def main(grid: Grid, context: Context) -> None:
         try:
             outcome["result"] = execute(
-                cfg, resume=resume, progress=progress, runtime=lambda r: FlowerRuntime(grid, r)
+                cfg,
+                resume=resume,
+                progress=progress,
+                runtime=lambda r: FlowerRuntime(grid, r, STARTUP_PATIENCE, STARTUP_PATIENCE),
             )
         except BaseException as e:  # re-raised in the caller's thread below
             outcome["error"] = e
