@@ -120,6 +120,12 @@ def test_a_private_run_resumes_bit_exact_and_keeps_its_secret(tmp_path, algorith
     metrics = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
     spent = [m["dp_epsilon"] for m in metrics if m["round"] > 0]
     assert len(spent) == 10 and spent == sorted(spent)
+    # under local DP the server never learns a client's loss: none is reported
+    trained = metrics[1:]
+    if mode == "local":
+        assert all("train_loss" not in m for m in trained)
+    else:
+        assert all(m["train_loss"] > 0 for m in trained)
     summary = json.loads((part / "summary.json").read_text())
     assert summary["dp_epsilon_spent"] == pytest.approx(spent[-1])
     assert summary["dp_mode"] == mode and summary["dp_noise_multiplier"] == noise

@@ -603,6 +603,8 @@ class _Run:
             "bytes_down_cumulative": last["bytes_down_cumulative"] + counts["bytes_down"],
             "round_seconds": time.perf_counter() - t_round,
         }
+        if cfg.private and cfg.dp_mode == "local":
+            del record["train_loss"]  # clients keep their loss: it depends on their data
         if cfg.lr_schedule != "constant" or cfg.lr_warmup:
             record["lr"] = lr
         if self.spending is not None:
