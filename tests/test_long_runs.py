@@ -153,3 +153,17 @@ def test_an_orphaned_run_stops_after_the_round_even_if_its_interrupt_was_swallow
     rd = RunDir(tmp_path / "r")
     assert rd.read_summary()["status"] == "interrupted"
     assert [m["round"] for m in rd.read_metrics()] == [0, 1, 2, 3]
+
+
+def test_a_training_process_whose_comparison_died_before_it_started_trains_nothing(tmp_path):
+    """A process started just before the comparison died (on a loaded machine a run can
+    start seconds after the others) sees it gone at once, not never."""
+    import torch
+
+    from fedscalar.config import RunConfig
+
+    out = tmp_path / "r"
+    cfg = RunConfig(task="digits", rounds=5, out=str(out))
+    gone = os.getppid() + 1_000_000  # no process has this pid: not our parent
+    summary = cmp._train(cfg.to_toml(), "new", torch.get_num_threads(), gone)
+    assert summary["status"] == "interrupted" and not out.exists()

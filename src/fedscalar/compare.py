@@ -330,18 +330,21 @@ def state_of(folder: Path, cfg: RunConfig) -> str:
     return "done" if finished else "resume"
 
 
-def _stop_with_parent(every: float = 2.0) -> threading.Event:
+def _stop_with_parent(parent: int, every: float = 2.0) -> threading.Event:
     """Interrupt this training process (as Ctrl-C would: the run stops cleanly, resumable)
-    if the comparison that started it dies, so that no orphan keeps writing to a run
-    folder that a new comparison will resume. Returns the event set at that moment: an
-    interrupt that lands in a finaliser is swallowed by Python, so the run also checks
-    the event after every round (`_orphan_check`)."""
+    once the comparison that started it (process ``parent``) dies, so that no orphan keeps
+    writing to a run folder that a new comparison will resume. Returns the event set at
+    that moment, already set if the comparison died before this process started
+    watching. An interrupt that lands in a finaliser is swallowed by Python, so the run
+    also checks the event after every round (`_orphan_check`)."""
     import _thread
     import signal
     import time
 
-    parent = os.getppid()
     orphaned = threading.Event()
+    if os.getppid() != parent:
+        orphaned.set()
+        return orphaned
     # a comparison started in the background (`nohup ... &`) passes SIGINT on ignored, and
     # interrupt_main() does nothing for an ignored signal: restore Python's handler
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -366,8 +369,9 @@ def _orphan_check(orphaned: threading.Event) -> Callable[[dict[str, Any]], None]
     return check
 
 
-def _train(cfg_toml: str, mode: str, threads: int) -> dict[str, Any]:
-    """Worker: one run in a fresh process; returns its summary (or the error)."""
+def _train(cfg_toml: str, mode: str, threads: int, parent: int) -> dict[str, Any]:
+    """Worker: one run in a fresh process, started by comparison process ``parent``;
+    returns its summary (or the error)."""
     import logging
 
     import torch
@@ -378,7 +382,9 @@ def _train(cfg_toml: str, mode: str, threads: int) -> dict[str, Any]:
 
     logging.getLogger("fedscalar").propagate = False
     torch.set_num_threads(threads)
-    orphaned = _stop_with_parent()
+    orphaned = _stop_with_parent(parent)
+    if orphaned.is_set():  # the comparison died while this process was starting
+        return {"status": "interrupted", "error": "the comparison had stopped"}
     cfg = build_config_text(cfg_toml)
     # the Flower simulation runs its server elsewhere and takes no round callback
     check = None if cfg.runtime == "flower-simulation" else _orphan_check(orphaned)
@@ -431,7 +437,7 @@ def execute(
         with ProcessPoolExecutor(jobs, mp_context=ctx, max_tasks_per_child=1) as pool:
             pending = {}
             for name, seed, cfg, mode in todo:
-                future = pool.submit(_train, cfg.to_toml(), mode, threads)
+                future = pool.submit(_train, cfg.to_toml(), mode, threads, os.getpid())
                 pending[future] = (name, seed, mode)
                 if mode == "resume":
                     echo(f"{name} seed {seed}: resuming")

@@ -85,6 +85,10 @@ class FlowerRuntime(Runtime):
         alive = set(self.grid.get_node_ids())
         log.debug("nodes connected: %s", sorted(alive))
         self.nodes = {cid: n for cid, n in self.nodes.items() if n in alive}
+        # nodes that left for good (a restarted SuperNode gets a new id) are forgotten
+        self.retry = {n: t for n, t in self.retry.items() if n in alive}
+        self.queried &= alive
+        self.refused &= alive
         self._read_answers()
         now = time.monotonic()
         self.pending = {
