@@ -7,7 +7,9 @@ sentiment tasks, and the robustness table, from the comparison files in benchmar
 Each comparison is an ordinary ``fedscalar compare`` folder under ``--out``, so an
 interrupted regeneration resumes where it stopped (and can be stopped and resumed any
 number of times). ``--only`` picks sections; ``--report-only`` tabulates the runs as far
-as they got without training more. Each section is kept in docs/results/<name>.md with
+as they got without training more; ``--threads`` gives each run of the comparison
+sections that many torch threads (default 1: the seconds per round are one core's).
+Each section is kept in docs/results/<name>.md with
 its plot, and the page is recomposed from all of them after each section, so sections
 not regenerated keep their last tables.
 
@@ -153,10 +155,10 @@ def _planned(folder: Path, records: Path, **options) -> cmp.Comparison:
     return comparison
 
 
-def section(out: Path, name: str, jobs: int, train: bool = True) -> str:
+def section(out: Path, name: str, jobs: int, train: bool = True, threads: int = 1) -> str:
     comparison = _planned(out / name, RECORDS / name, file=SPECS / f"{name}.toml")
     if train:
-        cmp.execute(comparison, jobs, echo=print, threads=1)
+        cmp.execute(comparison, jobs, echo=print, threads=threads)
     write_records(comparison, RECORDS / name)
     _, rows, target = write_report(comparison, name)
     DOCS.joinpath("results").mkdir(exist_ok=True)
@@ -273,6 +275,9 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--only", default=",".join(s for s in SECTIONS if s != "sentiment"))
     ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads per run of a section (default 1)"
+    )
+    ap.add_argument(
         "--report-only", action="store_true", help="tabulate the runs as they are, train nothing"
     )
     args = ap.parse_args()
@@ -285,7 +290,7 @@ def main() -> None:
         elif name == "privacy":
             text = privacy(out, args.jobs, train=not args.report_only)
         else:
-            text = section(out, name, args.jobs, train=not args.report_only)
+            text = section(out, name, args.jobs, not args.report_only, args.threads)
         (DOCS / "results" / f"{name}.md").write_text(text)
         write_page()
 
