@@ -100,7 +100,7 @@ class FlowerRuntime(Runtime):
         for node, sent in self.pending.values():
             newest[node] = max(newest.get(node, sent), sent)
         set_up = set(self.nodes.values())
-        for node in self.queried & alive - set_up - self.refused:
+        for node in self.queried - set_up - self.refused:
             last = newest.get(node, self.retry.get(node, -self.query_retry))
             if now - last >= self.query_retry:
                 self.queried.discard(node)  # unanswered (or failed) for long enough
