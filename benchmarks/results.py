@@ -17,6 +17,10 @@ Each finished run also leaves a record of a few kB (config, summary, the evaluat
 in benchmarks/results/records/<name>/, kept with the code: a regeneration puts records in
 place of missing run folders, so a section's tables and plots survive the loss of ``--out``
 and a comparison of many long runs can be finished over many sessions, on any machine.
+An unfinished run of a method whose ledger rebuilds its weights (DeComFL, HiSo, MeZO and
+the other seed-and-scalar methods; not FedZO or FedAvg) is kept too, as its config,
+metrics and ledger, and resumes from its last round;
+``--report-only`` writes these records as far as the runs got.
 A record of other settings (say, a changed default) is left out and its run trains again.
 """
 
@@ -310,7 +314,9 @@ def write_page() -> None:
         "client over the whole run (catch-up included); peak MB is the training process's "
         "peak resident memory; rounds and hours are each run's, over all the sessions it "
         "took. Each finished run is kept as a record of a few kB in `benchmarks/results/records/`, "
-        "so the tables can be redrawn, and a comparison completed, after its run folders are gone."
+        "so the tables can be redrawn, and a comparison completed, after its run folders are "
+        "gone; an unfinished run of a seed-and-scalar method (DeComFL, HiSo, MeZO...) is kept "
+        "as its ledger, tens of bytes per round, and resumes from it on any machine."
         "\n\n" + reading + "\n" + body
     )
 

@@ -297,16 +297,27 @@ def write_records(comparison: Comparison, dest: Path) -> int:
     """Keep what the tables and plots need of each finished run, under ``dest`` laid out
     like the comparison's folder: its ``config.toml`` and ``summary.json`` and a thinned
     ``metrics.jsonl`` (round 0, the evaluated rounds and the last one). A few kB per run,
-    so the results of hours of training outlive the run folders. Returns how many."""
+    so the results of hours of training outlive the run folders.
+
+    An unfinished run whose ledger rebuilds its weights (a replayable algorithm) is kept
+    as its ``config.toml``, ``metrics.jsonl`` and ``ledger.bin``: tens of bytes per
+    round, from which `restore_records` lets it resume on another machine (its initial
+    weights are rebuilt from their source and checked against the ledger's digest).
+    Returns how many runs were kept."""
     kept = 0
     for (name, seed), cfg in comparison.runs.items():
         rd = RunDir(comparison.folder(name, seed))
-        if state_of(rd.path, cfg) != "done":
+        record = RunDir(run_folder(dest, name, seed))
+        state = state_of(rd.path, cfg)
+        if state == "resume" and cfg.spec.replayable and rd.ledger.exists():
+            kept += _write_partial(rd, record)
+            continue
+        if state != "done":
             continue
         history = rd.read_metrics()
         rows = [h for i, h in enumerate(history) if "test_accuracy" in h or i == len(history) - 1]
-        record = RunDir(run_folder(dest, name, seed))
         record.path.mkdir(parents=True, exist_ok=True)
+        record.ledger.unlink(missing_ok=True)  # what an earlier partial record held
         record.write_atomic(record.config, rd.config.read_text())
         record.write_atomic(record.summary, rd.summary.read_text())
         record.write_atomic(
@@ -320,11 +331,30 @@ def write_records(comparison: Comparison, dest: Path) -> int:
     return kept
 
 
+def _write_partial(rd: RunDir, record: RunDir) -> int:
+    """Keep an unfinished replayable run as config, metrics and ledger (1), or nothing
+    when it has no trained round yet (0). The metrics are read before the ledger, so a
+    run that is still training leaves a ledger at least as long as its metrics (a resume
+    drops the ledger's extra rounds)."""
+    history = rd.read_metrics()
+    if not history or history[-1]["round"] < 1:
+        return 0
+    record.path.mkdir(parents=True, exist_ok=True)
+    record.summary.unlink(missing_ok=True)
+    record.write_atomic(record.config, rd.config.read_text())
+    record.write_atomic(record.metrics, "".join(json.dumps(h) + "\n" for h in history))
+    tmp = record.ledger.with_suffix(".tmp")
+    shutil.copyfile(rd.ledger, tmp)
+    tmp.replace(record.ledger)
+    return 1
+
+
 def restore_records(comparison: Comparison, src: Path, echo=print) -> int:
     """Put the records under ``src`` (`write_records`) in place of the comparison's run
-    folders that are missing, when they finished the runs the comparison asks for with
-    its settings; a record of other settings or fewer rounds is left out, so that run
-    trains again. Returns how many were restored."""
+    folders that are missing, when they hold runs of the settings the comparison asks
+    for: a finished run is reported as it ended, an unfinished one resumes from its
+    ledger. A record of other settings, or a finished one of fewer rounds, is left out,
+    so that run trains again. Returns how many were restored."""
     restored = 0
     for (name, seed), cfg in comparison.runs.items():
         record = RunDir(run_folder(src, name, seed))
@@ -332,12 +362,17 @@ def restore_records(comparison: Comparison, src: Path, echo=print) -> int:
         if target.exists() or not record.exists():
             continue
         _, clash = reconcile(record, cfg)
-        if clash or state_of(record.path, cfg) != "done":
+        partial = record.ledger.exists() and not record.summary.exists()
+        if clash or (state_of(record.path, cfg) != "done" and not partial):
             echo(f"record of {name} seed {seed} left out: " + (clash or "not finished"))
             continue
         target.path.mkdir(parents=True)
-        for f in (record.config, record.summary, record.metrics):
-            shutil.copy(f, target.path / f.name)
+        for f in (record.config, record.summary, record.metrics, record.ledger):
+            if f.exists():
+                shutil.copy(f, target.path / f.name)
+        if partial:
+            done = record.read_metrics()[-1]["round"]
+            echo(f"{name} seed {seed}: resumes from its record at round {done}")
         restored += 1
     return restored
 
