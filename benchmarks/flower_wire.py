@@ -79,7 +79,8 @@ def simulate(nodes: int, rounds: int, setting: list[str]) -> dict:
     from fedscalar.config import build_config_text
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = build_config_text(_config(nodes, rounds, setting) + f'out = "{tmp}/run"\n')
+        text = _config(nodes, rounds, setting) + f'out = "{tmp}/run"\n'
+        cfg = build_config_text(text, stored=False)
         run(cfg)
         metrics = [json.loads(x) for x in (Path(tmp) / "run" / "metrics.jsonl").open()]
     trained = [m for m in metrics if m["round"] >= 2]

@@ -52,13 +52,13 @@ def simulate(d: int, p: int, rounds: int, beta: float, kind: str, seed: int = 0)
 
 def trained(run: Path, batches: int) -> None:
 
-    from fedscalar.config import build_config
+    from fedscalar.config import stored_config
     from fedscalar.federation import client_data, client_partitions
     from fedscalar.rundir import RunDir
     from fedscalar.tasks import build_task
 
     rd = RunDir(run)
-    cfg = build_config(rd.config).resolved()
+    cfg = stored_config(rd.config).resolved()
     if cfg.algorithm != "hiso":
         raise SystemExit(f"{run} is a {cfg.algorithm} run, not hiso")
     task = build_task(cfg)

@@ -63,7 +63,7 @@ def main() -> None:
                 str(args.eval_every),
                 "--out",
                 str(folder),
-                *(["--lora"] if args.lora else []),
+                "--lora" if args.lora else "--no-lora",
                 *args.extra.split(),
             ]
         )

@@ -34,10 +34,10 @@ LAST_LAYERS = {"minilm-l6": 2, "smollm2-135m": 10}
 def variants(model: str) -> list[tuple[str, dict]]:
     n = LAST_LAYERS.get(model, 2)
     return [
-        ("full, padded", dict(pack_tokens=0)),
-        ("full, packed", dict()),
-        ("LoRA all layers, padded", dict(lora=True, pack_tokens=0)),
-        ("LoRA all layers, packed", dict(lora=True)),
+        ("full, padded", dict(lora=False, pack_tokens=0)),
+        ("full, packed", dict(lora=False)),
+        ("LoRA all layers, padded", dict(lora=True, lora_layers=None, pack_tokens=0)),
+        ("LoRA all layers, packed", dict(lora=True, lora_layers=None)),
         (f"LoRA last {n} layers, packed", dict(lora=True, lora_layers=n)),
     ]
 

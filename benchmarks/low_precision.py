@@ -47,7 +47,8 @@ def main() -> None:
     print("| weights trained | mu | autocast | correlation | relative error | s (P+1 forwards) |")
     print("|---|---|---|---|---|---|")
     for lora in (False, True):
-        task = build_task(RunConfig(task="sentiment", model=args.model, lora=lora))
+        cfg = RunConfig(task="sentiment", model=args.model, lora=lora, lora_layers=None)
+        task = build_task(cfg)
         model = task.build_model(0)
         space = ParamSpace(model)
         rng = np.random.default_rng(0)

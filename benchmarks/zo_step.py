@@ -32,7 +32,7 @@ from fedscalar.params import ParamSpace
 from fedscalar.tasks import build_task
 
 model_name, mode, batch, tokens, P, repeats = sys.argv[1], sys.argv[2], *map(int, sys.argv[3:7])
-task = build_task(RunConfig(task="sentiment", model=model_name, max_length=tokens))
+task = build_task(RunConfig(task="sentiment", model=model_name, max_length=tokens, lora=False))
 model = task.build_model(0)
 vocab = task.pre.tokenizer.vocab_size
 g = torch.Generator().manual_seed(0)

@@ -24,7 +24,7 @@ def test_every_cli_option_is_in_the_readme():
 
 
 def test_readme_defaults_match_the_config():
-    from fedscalar.config import ALGORITHM_ONLY, ALGORITHMS, RunConfig
+    from fedscalar.config import ALGORITHM_ONLY, ALGORITHMS, TASKS, RunConfig
 
     def cell(name: str) -> str:
         flag = "--" + name.replace("_", "-")
@@ -44,6 +44,13 @@ def test_readme_defaults_match_the_config():
             assert shown == ("on" if info.default else "off"), (name, shown)
         else:
             assert same(shown, info.default), (name, shown)
+    # a task's own defaults: "32 (text tasks: 16)", "128 (sentiment: 64)"
+    from fedscalar.cli import task_defaults
+
+    changed = {name for spec in TASKS.values() for name in spec.defaults}
+    assert {"lora", "batch_size", "max_length"} <= changed
+    for name in changed:
+        assert f"({task_defaults(name)})" in cell(name), (name, cell(name))
     # an algorithm's own defaults: "5 (`feedsign`: 1)", or the cell of a field only it takes
     for algorithm, spec in ALGORITHMS.items():
         for name, value in spec.defaults.items():
@@ -89,6 +96,7 @@ def test_run_and_compare_take_every_config_field():
 
 
 def test_help_gives_each_default_of_the_config():
+    from fedscalar.cli import task_defaults
     from fedscalar.config import RunConfig
 
     helps = {p.name: p.help for p in _commands()["run"].params}
@@ -98,7 +106,9 @@ def test_help_gives_each_default_of_the_config():
         shown = info.default
         if isinstance(shown, bool):
             shown = "on" if shown else "off"
-        assert f"(default: {shown})" in helps[name], name
+        tasks = task_defaults(name)
+        assert f"(default: {shown}{'; ' + tasks if tasks else ''})" in helps[name], name
+    assert "(default: 32; text tasks: 16)" in helps["batch_size"]
 
 
 def test_help_text_is_not_eaten_as_markup():

@@ -413,3 +413,30 @@ def test_a_text_column_given_as_labels_is_one_short_line(bad_data):
     assert message.startswith("label_column: 'sentence' has 150 distinct values in 150 rows")
     assert "\n" not in message and len(message) < 300
     assert "'0 the movie was good . the plot was f...'" in message  # at most 40 characters
+
+
+def test_text_tasks_default_to_the_tuned_lora_setting(tmp_path):
+    from fedscalar.config import RunConfig, build_config, stored_config
+
+    cfg = RunConfig(task="sentiment")
+    assert (cfg.lora, cfg.lora_layers, cfg.batch_size, cfg.max_length) == (True, 2, 16, 64)
+    assert (cfg.clients, cfg.sampled, cfg.rounds, cfg.eval_every) == (8, 2, 1000, 100)
+    assert cfg.lr_schedule == "cosine" and cfg.effective_lr == 1e-2
+    assert RunConfig(task="sentiment", model="smollm2-135m").lora_layers == 10
+    assert RunConfig(task="sentiment", model="./elsewhere").lora_layers is None  # all blocks
+    assert RunConfig(task="sentiment", lora=True, lora_layers=None).lora_layers is None
+    full = RunConfig(task="sentiment", lora=False)
+    assert full.lora_layers is None and full.effective_lr == 1e-5
+    given = RunConfig(task="sentiment", batch_size=8, lora_layers=4, lr_schedule="constant")
+    assert (given.batch_size, given.lora_layers, given.lr_schedule) == (8, 4, "constant")
+    news = RunConfig(task="text-classification", dataset="x.csv")
+    assert (news.max_length, news.batch_size, news.lora_layers) == (128, 16, 2)
+    digits = RunConfig()
+    assert (digits.lora, digits.batch_size, digits.clients, digits.rounds) == (False, 32, 10, 600)
+    # a run folder's config keeps what it was run with: LoRA on all blocks stays so
+    file = tmp_path / "config.toml"
+    file.write_text(RunConfig(task="sentiment", lora_layers=None).to_toml())
+    assert "lora_layers" not in file.read_text()
+    assert stored_config(file).lora_layers is None
+    assert stored_config(file, rounds=5).rounds == 5
+    assert build_config(file).lora_layers == 2  # the same file as a new run's settings

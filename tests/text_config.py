@@ -8,9 +8,11 @@ from fedscalar import RunConfig
 
 
 def text_options(model, csv_path, **overrides: Any) -> dict[str, Any]:
-    """A 3-client text-classification run on the news CSV: short texts, small batches."""
+    """A 3-client text-classification run on the news CSV: short texts, small batches,
+    every weight trained (``lora=True`` to train adapters)."""
     return {
         "task": "text-classification",
+        "lora": False,
         "model": str(model),
         "dataset": str(csv_path),
         "text_column": "sentence",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fedscalar.config import RESUMABLE_CHANGES, ConfigError, RunConfig, build_config
+from fedscalar.config import RESUMABLE_CHANGES, ConfigError, RunConfig, stored_config
 from fedscalar.rundir import RunDir
 from fedscalar.runner import RoundCallback, RunResult, default_out, execute
 from fedscalar.runtime.base import RuntimeFactory
@@ -15,7 +15,7 @@ from fedscalar.runtime.base import RuntimeFactory
 def _resume_config(rd: RunDir, overrides: dict[str, Any]) -> RunConfig:
     if not rd.exists():
         raise ConfigError(f"out: no run to resume in {rd.path} (config.toml missing)")
-    stored = build_config(rd.config)
+    stored = stored_config(rd.config)
     changed = {
         k for k, v in overrides.items() if v is not None and getattr(stored, k) != v
     } - RESUMABLE_CHANGES
@@ -23,7 +23,7 @@ def _resume_config(rd: RunDir, overrides: dict[str, Any]) -> RunConfig:
         raise ConfigError(
             f"{sorted(changed)[0]}: cannot change on --resume (only {sorted(RESUMABLE_CHANGES)})"
         )
-    return build_config(rd.config, **overrides)
+    return stored_config(rd.config, **overrides)
 
 
 def run(

@@ -16,6 +16,7 @@ from typing import Annotated, Any
 import typer
 from rich.markup import escape
 
+from fedscalar import registry
 from fedscalar.config import ConfigError, RunConfig, build_config, read_toml
 from fedscalar.ledger import LedgerError
 
@@ -34,15 +35,36 @@ NOT_SHARED = ("algorithm", "seed", "out")
 """Run options a comparison sets per run (``--algorithms``, ``--seeds``, its own ``--out``)."""
 
 
+def _shown(field: str, value: Any) -> str:
+    if field in LISTED and value is not None:
+        return ",".join(value)
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+def task_defaults(field: str) -> str:
+    """The tasks that change ``field``'s default, with theirs: ``text tasks: 16``, or
+    ``sentiment: 64`` for a default only some text tasks change ("" when none does)."""
+    text = [name for name, spec in registry.TASKS.items() if spec.text]
+    by_value: dict[str, list[str]] = {}
+    for name, spec in registry.TASKS.items():
+        if field in spec.defaults:
+            by_value.setdefault(_shown(field, spec.defaults[field]), []).append(name)
+    return "; ".join(
+        f"{'text tasks' if names == text else ', '.join(names)}: {value}"
+        for value, names in by_value.items()
+    )
+
+
 def _help(field: str) -> str:
-    info = RunConfig.model_fields[field]
-    default = info.default
-    if field in LISTED and default is not None:
-        default = ",".join(default)
-    if isinstance(default, bool):
-        default = "on" if default else "off"
-    shown = "" if default is None else f" (default: {default})"
-    return escape(f"{info.description}{shown}")  # "[flower-sim]" is text, not markup
+    default = RunConfig.model_fields[field].default
+    shown = "" if default is None else f" (default: {_shown(field, default)}"
+    if shown and task_defaults(field):
+        shown += f"; {task_defaults(field)}"
+    shown += ")" if shown else ""
+    description = RunConfig.model_fields[field].description
+    return escape(f"{description}{shown}")  # "[flower-sim]" is text, not markup
 
 
 def _flag_type(field: str) -> type:

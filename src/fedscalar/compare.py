@@ -39,8 +39,8 @@ from fedscalar.config import (
     ConfigError,
     RunConfig,
     _validated,
-    build_config,
     read_toml,
+    stored_config,
 )
 from fedscalar.registry import load_plugins
 from fedscalar.rundir import RunDir
@@ -291,7 +291,7 @@ def reconcile(rd: RunDir, cfg: RunConfig, keep_horizon: bool = True) -> tuple[Ru
     """``cfg`` with what an existing run folder keeps of its own (its arithmetic, its
     divergence back-offs' ``lr_scale`` and, with ``keep_horizon``, its decay horizon);
     and the first setting in which the folder differs from it ("" when none does)."""
-    stored = build_config(rd.config)
+    stored = stored_config(rd.config)
     # the arithmetic its ledger was written with, and the run's own divergence back-offs
     stored = stored.model_copy(update={"arithmetic": _written_with(rd, stored)})
     kept = {"lr_scale": stored.lr_scale, "arithmetic": stored.arithmetic}

@@ -56,6 +56,10 @@ TEXT_LR: dict[tuple[str, str, bool], float] = {
 """Learning rates of the text tasks when ``lr`` is not given, by (family, model, LoRA);
 ``*`` is any other model (docs/results.md#learning-rates says how they were chosen)."""
 
+TEXT_LORA_LAYERS: dict[str, int] = {"minilm-l6": 2, "smollm2-135m": 10}
+"""LoRA's blocks when ``lora_layers`` is not given: the last third of a built-in model's
+(the placement its learning rates were swept with); any other model: all of them."""
+
 
 def default_lr(algorithm: str, task: str, model: str | None, lora: bool) -> float | None:
     """The learning rate a run uses when none is given (None: the algorithm names none
@@ -247,8 +251,9 @@ class RunConfig(BaseModel):
     lora_layers: int | None = Field(
         None,
         ge=1,
-        description="LoRA on the last N transformer blocks only (default: all). The blocks "
-        "below hold no trainable weight, so a ZO step computes them once, not P+1 times.",
+        description="LoRA on the last N transformer blocks only (default: the last third, "
+        "minilm-l6 2 and smollm2-135m 10; other models all). The blocks below hold no "
+        "trainable weight, so a ZO step computes them once, not P+1 times.",
     )
     dtype: Literal["float32", "bfloat16"] = Field(
         "float32", description="Text tasks: weights dtype."
@@ -355,13 +360,26 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _plugins_first(cls, values: Any) -> Any:
-        """Import the plugins before the names they register are checked."""
-        if isinstance(values, dict) and values.get("plugins"):
+    def _plugins_first(cls, values: Any, info: ValidationInfo) -> Any:
+        """Import the plugins before the names they register are checked; fill in the
+        algorithm's and (for a new run, not a run folder's stored config) the task's and
+        the model's own defaults of the fields not given."""
+        if not isinstance(values, dict):
+            return values
+        if values.get("plugins"):
             registry.load_plugins(list(values["plugins"]))
-        if isinstance(values, dict) and values.get("algorithm", "decomfl") in registry.ALGORITHMS:
+        if values.get("algorithm", "decomfl") in registry.ALGORITHMS:
             defaults = registry.algorithm(values.get("algorithm", "decomfl")).defaults
             values = {**values, **{k: v for k, v in defaults.items() if values.get(k) is None}}
+        stored = bool(info.context and info.context.get("stored"))
+        task = values.get("task", cls.model_fields["task"].default)
+        if not stored and task in registry.TASKS:
+            spec = registry.task(task)
+            given = {k: v for k, v in values.items() if v is not None}
+            values = {**values, **{k: v for k, v in spec.defaults.items() if k not in given}}
+            model = values.get("model") or spec.default_model
+            if values.get("lora") is True and "lora_layers" not in values:  # None: all blocks
+                values["lora_layers"] = TEXT_LORA_LAYERS.get(model)
         return values
 
     @field_validator("options", mode="before")
@@ -671,9 +689,9 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"config: {path} is not valid TOML: {e}") from e
 
 
-def _validated(values: dict[str, Any]) -> RunConfig:
+def _validated(values: dict[str, Any], stored: bool = False) -> RunConfig:
     try:
-        return RunConfig(**values)
+        return RunConfig.model_validate(values, context={"stored": stored})
     except ValidationError as e:
         raise ConfigError(_format(e)) from None
 
@@ -685,9 +703,20 @@ def build_config(file: str | Path | None = None, **overrides: Any) -> RunConfig:
     return _validated(values)
 
 
-def build_config_text(text: str) -> RunConfig:
-    """A config from TOML text (as `RunConfig.to_toml` writes it)."""
+def stored_config(file: str | Path, **overrides: Any) -> RunConfig:
+    """A run folder's ``config.toml`` (with ``overrides`` that are not None), as the run
+    was configured: a field it leaves out (``lora_layers`` on all blocks) keeps the
+    field's own default, whatever the task's or model's default is now."""
+    values = read_toml(file)
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return _validated(values, stored=True)
+
+
+def build_config_text(text: str, stored: bool = True) -> RunConfig:
+    """A config from TOML text: as `RunConfig.to_toml` writes it (``stored``), or a new
+    run's settings (``stored=False``: task and model defaults fill in what it omits)."""
     try:
-        return _validated(tomllib.loads(text))
+        values = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"config: not valid TOML: {e}") from e
+    return _validated(values, stored=stored)

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from fedscalar.algorithms import make_server
-from fedscalar.config import ConfigError, build_config
+from fedscalar.config import ConfigError, stored_config
 from fedscalar.header import check_header, load_base
 from fedscalar.ledger import Ledger
 from fedscalar.params import ParamSpace
@@ -25,7 +25,7 @@ def rebuild(run_dir: str | Path, rounds: int | None = None) -> tuple[dict[str, t
     rd = RunDir(run_dir)
     if not rd.exists():
         raise ConfigError(f"run: no run folder at {rd.path} (config.toml missing)")
-    cfg = build_config(rd.config)
+    cfg = stored_config(rd.config)
     try:
         task = build_task(cfg)
     except (ValueError, MissingPackage) as e:
