@@ -19,6 +19,22 @@ def test_partition_is_a_disjoint_cover(scheme):
     assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
 
 
+@pytest.mark.parametrize(
+    "examples,clients,seed", [(500, 8, 3), (1437, 10, 0), (7, 7, 1), (103, 4, 9)]
+)
+def test_iid_equals_flower_datasets_iid_partitioner_on_the_shuffled_order(examples, clients, seed):
+    from datasets import Dataset
+    from flwr_datasets.partitioner import IidPartitioner
+
+    part = IidPartitioner(num_partitions=clients)
+    part.dataset = Dataset.from_dict({"index": np.arange(examples)})
+    perm = np.random.default_rng(seed).permutation(examples)
+    reference = [np.sort(perm[part.load_partition(i)["index"]]) for i in range(clients)]
+    mine = partition(np.zeros(examples, dtype=np.int64), clients, "iid", 1.0, seed)
+    assert len(mine) == clients
+    assert all(np.array_equal(a, b) for a, b in zip(mine, reference, strict=True))
+
+
 def test_dirichlet_skews_labels_and_iid_does_not():
     def label_spread(parts):  # mean over clients of the largest label share
         return np.mean([np.bincount(LABELS[p], minlength=10).max() / len(p) for p in parts])
