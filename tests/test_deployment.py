@@ -1,6 +1,11 @@
 """A real Flower deployment on loopback: SuperLink, 3 SuperNodes, one crashes and returns,
 on digits and with a (tiny) language model that each node loads once; over TLS, a private
-run (secure aggregation, local DP) gives the simulator's ledger."""
+run (secure aggregation, local DP) gives the simulator's ledger.
+
+All under ``-m slow`` (``make test-slow``): each takes 2-3 minutes, mostly Flower's
+start-up and polling, which would put the default suite past its 10 minutes on 2 cores;
+tests/test_flower.py runs the same server and client code through an in-process grid and
+Flower's simulation engine in the default suite."""
 
 import json
 import os
@@ -19,15 +24,17 @@ from fedscalar.rundir import RunDir
 from fedscalar.runtime.flower.certs import make_certificates
 from fedscalar.runtime.flower.launch import LocalDeployment
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("flower-superlink", path=os.path.dirname(os.sys.executable)) is None,
-    reason="Flower's command-line tools are not installed",
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        shutil.which("flower-superlink", path=os.path.dirname(os.sys.executable)) is None,
+        reason="Flower's command-line tools are not installed",
+    ),
+]
 
 
-# the language-model case is the default one: the same kill and restart, with a model
-# each node's worker loads once; digits (slow: -m slow) is the same on an MLP
-@pytest.mark.parametrize("task", [pytest.param("digits", marks=pytest.mark.slow), "language-model"])
+# the same kill and restart on an MLP and with a model each node's worker loads once
+@pytest.mark.parametrize("task", ["digits", "language-model"])
 def test_deployment_survives_a_supernode_crash(tmp_path, task, request):
     setting = 'task = "digits"\n'
     if task == "language-model":
