@@ -81,7 +81,9 @@ def _x(ratio: float) -> str:
 
 
 def _facts(rows) -> str:
-    """Sentences computed from the table, so they never disagree with it."""
+    """Sentences computed from the table, so they never disagree with it (about finished
+    runs only: a row still training is marked in the table and left out here)."""
+    rows = [r for r in rows if set(r.statuses) <= {"completed", "diverged"}]
     by = {r.algorithm: r for r in rows}
     out = []
     if "decomfl" in by:

@@ -231,12 +231,18 @@ def _wait_for_rounds(out: Path, rounds: int, proc: subprocess.Popen, limit: floa
 
 
 def _straight(tmp_path: Path, args: list[str]) -> Path:
-    """The same run, never stopped (in this process: the same command's configuration)."""
+    """The same run, never stopped (in this process: the same command's configuration, on
+    one thread like the killed runs: FedAvg's backward pass rounds differently on two)."""
     from fedscalar.config import build_config
 
     flags = dict(zip((a[2:].replace("-", "_") for a in args[::2]), args[1::2], strict=True))
     out = tmp_path / "straight"
-    run(build_config(None, **flags, out=str(out)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run(build_config(None, **flags, out=str(out)))
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
