@@ -18,9 +18,8 @@ in benchmarks/results/records/<name>/, kept with the code: a regeneration puts r
 place of missing run folders, so a section's tables and plots survive the loss of ``--out``
 and a comparison of many long runs can be finished over many sessions, on any machine.
 An unfinished run of a method whose ledger rebuilds its weights (DeComFL, HiSo, MeZO and
-the other seed-and-scalar methods) is kept too, as its config, metrics and ledger, and
-resumes from its last round; one of FedZO or FedAvg keeps its checkpoint as well when it
-is small (LoRA adapters: up to 4 MB) and resumes from its last evaluated round;
+the other seed-and-scalar methods; not FedZO or FedAvg) is kept too, as its config,
+metrics and ledger, and resumes from its last round;
 ``--report-only`` writes these records as far as the runs got.
 A record of other settings (say, a changed default) is left out and its run trains again.
 """

@@ -286,51 +286,41 @@ def test_records_rebuild_the_report_once_the_run_folders_are_gone(tmp_path):
 def test_an_unfinished_run_resumes_from_its_record_on_a_fresh_folder(tmp_path):
     from fedscalar.report import restore_records, write_records
 
-    both = ["decomfl", "fedavg"]
-    whole = cmp.plan(tmp_path / "whole", both, [0], **FAST)
+    whole = cmp.plan(tmp_path / "whole", ["decomfl"], [0], **FAST)
     cmp.execute(whole, jobs=1, echo=lambda _: None)
 
     # the first half of the runs, then the comparison asks for all 8 rounds
-    half = cmp.plan(tmp_path / "cmp", both, [0], **{**FAST, "rounds": 4})
+    half = cmp.plan(tmp_path / "cmp", ["decomfl", "fedavg"], [0], **{**FAST, "rounds": 4})
     cmp.execute(half, jobs=1, echo=lambda _: None)
-    longer = cmp.plan(tmp_path / "cmp", both, [0], **FAST)
-    assert write_records(longer, tmp_path / "records") == 2
+    longer = cmp.plan(tmp_path / "cmp", ["decomfl", "fedavg"], [0], **FAST)
+    assert write_records(longer, tmp_path / "records") == 1  # fedavg keeps no ledger of updates
     record = cmp.run_folder(tmp_path / "records", "decomfl", 0)
     assert sorted(p.name for p in record.iterdir()) == [
         "config.toml",
         "ledger.bin",
         "metrics.jsonl",
     ]
-    # fedavg keeps its weights only in its checkpoint (its ledger holds no updates)
-    kept = cmp.run_folder(tmp_path / "records", "fedavg", 0)
-    assert sorted(p.name for p in kept.iterdir()) == [
-        "checkpoint.safetensors",
-        "config.toml",
-        "ledger.bin",
-        "metrics.jsonl",
+    assert not cmp.run_folder(tmp_path / "records", "fedavg", 0).exists()
+
+    # on another machine: no base copy, no checkpoint; the run resumes from round 4
+    said: list[str] = []
+    fresh = cmp.plan(tmp_path / "fresh", ["decomfl"], [0], **FAST)
+    assert restore_records(fresh, tmp_path / "records", echo=said.append) == 1
+    assert said == ["decomfl seed 0: resumes from its record at round 4"]
+    assert cmp.state_of(fresh.folder("decomfl", 0), fresh.runs["decomfl", 0]) == "resume"
+    cmp.execute(cmp.plan(tmp_path / "fresh", ["decomfl"], [0], **FAST), 1, echo=lambda _: None)
+    a, b = RunDir(whole.folder("decomfl", 0)), RunDir(fresh.folder("decomfl", 0))
+    assert a.ledger.read_bytes() == b.ledger.read_bytes()
+    assert a.checkpoint.read_bytes() == b.checkpoint.read_bytes()
+    keys = ("round", "test_accuracy", "test_loss", "bytes_up_cumulative", "bytes_down_cumulative")
+    assert [{k: m.get(k) for k in keys} for m in a.read_metrics()] == [
+        {k: m.get(k) for k in keys} for m in b.read_metrics()
     ]
 
-    # on another machine: no base copy (nor decomfl's checkpoint); both resume from round 4
-    said: list[str] = []
-    fresh = cmp.plan(tmp_path / "fresh", both, [0], **FAST)
-    assert restore_records(fresh, tmp_path / "records", echo=said.append) == 2
-    assert said == [f"{a} seed 0: resumes from its record at round 4" for a in both]
-    assert cmp.state_of(fresh.folder("decomfl", 0), fresh.runs["decomfl", 0]) == "resume"
-    cmp.execute(cmp.plan(tmp_path / "fresh", both, [0], **FAST), 1, echo=lambda _: None)
-    keys = ("round", "test_accuracy", "test_loss", "bytes_up_cumulative", "bytes_down_cumulative")
-    for algorithm in both:
-        a, b = RunDir(whole.folder(algorithm, 0)), RunDir(fresh.folder(algorithm, 0))
-        assert a.ledger.read_bytes() == b.ledger.read_bytes()
-        assert a.checkpoint.read_bytes() == b.checkpoint.read_bytes(), algorithm
-        assert [{k: m.get(k) for k in keys} for m in a.read_metrics()] == [
-            {k: m.get(k) for k in keys} for m in b.read_metrics()
-        ]
-
-    # once finished, its record is the usual few kB: ledger and checkpoint are gone from it
-    assert write_records(fresh, tmp_path / "records") == 2
-    for folder in (record, kept):
-        assert sorted(p.name for p in folder.iterdir()) == [
-            "config.toml",
-            "metrics.jsonl",
-            "summary.json",
-        ]
+    # once finished, its record is the usual few kB and the ledger is gone from it
+    assert write_records(fresh, tmp_path / "records") == 1
+    assert sorted(p.name for p in record.iterdir()) == [
+        "config.toml",
+        "metrics.jsonl",
+        "summary.json",
+    ]

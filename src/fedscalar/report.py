@@ -291,10 +291,6 @@ def write_report(comparison: Comparison, title: str = "") -> tuple[Path, list[Ro
 
 RECORD_DROPS = ("clients", "contributors")
 """Per-round fields a record leaves out (the sampled ids: the seed's sampler redraws them)."""
-RECORD_CHECKPOINT_LIMIT = 4 << 20
-"""An unfinished run that keeps its weights only in its checkpoint (FedZO, FedAvg) is kept
-as a record with that checkpoint when it is at most this many bytes (a LoRA's adapters:
-0.6 MB on SmolLM2), so that it too resumes elsewhere; a larger one is not kept."""
 
 
 def write_records(comparison: Comparison, dest: Path) -> int:
@@ -306,20 +302,15 @@ def write_records(comparison: Comparison, dest: Path) -> int:
     An unfinished run whose ledger rebuilds its weights (a replayable algorithm) is kept
     as its ``config.toml``, ``metrics.jsonl`` and ``ledger.bin``: tens of bytes per
     round, from which `restore_records` lets it resume on another machine (its initial
-    weights are rebuilt from their source and checked against the ledger's digest). One
-    that keeps its weights only in its checkpoint is kept with that checkpoint (up to
-    `RECORD_CHECKPOINT_LIMIT`) and resumes from the checkpoint's round.
+    weights are rebuilt from their source and checked against the ledger's digest).
     Returns how many runs were kept."""
     kept = 0
     for (name, seed), cfg in comparison.runs.items():
         rd = RunDir(comparison.folder(name, seed))
         record = RunDir(run_folder(dest, name, seed))
         state = state_of(rd.path, cfg)
-        if state == "resume" and rd.ledger.exists():
-            if cfg.spec.replayable:
-                kept += _write_partial(rd, record)
-            elif rd.checkpoint.exists() and rd.checkpoint.stat().st_size <= RECORD_CHECKPOINT_LIMIT:
-                kept += _write_partial(rd, record, checkpoint=True)
+        if state == "resume" and cfg.spec.replayable and rd.ledger.exists():
+            kept += _write_partial(rd, record)
             continue
         if state != "done":
             continue
@@ -327,7 +318,6 @@ def write_records(comparison: Comparison, dest: Path) -> int:
         rows = [h for i, h in enumerate(history) if "test_accuracy" in h or i == len(history) - 1]
         record.path.mkdir(parents=True, exist_ok=True)
         record.ledger.unlink(missing_ok=True)  # what an earlier partial record held
-        record.checkpoint.unlink(missing_ok=True)
         record.write_atomic(record.config, rd.config.read_text())
         record.write_atomic(record.summary, rd.summary.read_text())
         record.write_atomic(
@@ -341,15 +331,11 @@ def write_records(comparison: Comparison, dest: Path) -> int:
     return kept
 
 
-def _write_partial(rd: RunDir, record: RunDir, checkpoint: bool = False) -> int:
-    """Keep an unfinished run as config, metrics and ledger (and with ``checkpoint``, its
-    checkpoint) (1), or nothing when it has no trained round yet (0). The checkpoint is
-    read before the metrics and they before the ledger, so a run that is still training
-    leaves checkpoint <= metrics <= ledger, as a resume expects (it drops the extra)."""
-    held = record.checkpoint.with_suffix(".part")
-    if checkpoint:  # (written after an evaluated round: there is a trained round)
-        record.path.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(rd.checkpoint, held)
+def _write_partial(rd: RunDir, record: RunDir) -> int:
+    """Keep an unfinished replayable run as config, metrics and ledger (1), or nothing
+    when it has no trained round yet (0). The metrics are read before the ledger, so a
+    run that is still training leaves a ledger at least as long as its metrics (a resume
+    drops the ledger's extra rounds)."""
     history = rd.read_metrics()
     if not history or history[-1]["round"] < 1:
         return 0
@@ -360,8 +346,6 @@ def _write_partial(rd: RunDir, record: RunDir, checkpoint: bool = False) -> int:
     tmp = record.ledger.with_suffix(".tmp")
     shutil.copyfile(rd.ledger, tmp)
     tmp.replace(record.ledger)
-    if checkpoint:
-        held.replace(record.checkpoint)
     return 1
 
 
@@ -383,13 +367,11 @@ def restore_records(comparison: Comparison, src: Path, echo=print) -> int:
             echo(f"record of {name} seed {seed} left out: " + (clash or "not finished"))
             continue
         target.path.mkdir(parents=True)
-        for f in (record.config, record.summary, record.metrics, record.ledger, record.checkpoint):
+        for f in (record.config, record.summary, record.metrics, record.ledger):
             if f.exists():
                 shutil.copy(f, target.path / f.name)
         if partial:
             done = record.read_metrics()[-1]["round"]
-            if not cfg.spec.replayable:  # it goes back to its checkpoint
-                done = target.checkpoint_round() or 0
             echo(f"{name} seed {seed}: resumes from its record at round {done}")
         restored += 1
     return restored
