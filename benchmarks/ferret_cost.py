@@ -23,6 +23,8 @@ import statistics
 import subprocess
 import sys
 
+from fedscalar.config import TEXT_LORA_LAYERS
+
 CHILD = r"""
 import json, resource, sys, time
 import torch
@@ -75,9 +77,6 @@ else:
     out["model_mb"] = base / 1024
 print(json.dumps(out))
 """
-
-LAYERS = {"minilm-l6": 2, "smollm2-135m": 10}
-
 
 def child(*args: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -151,15 +150,16 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|")
     for name in args.models.split(","):
+        layers = TEXT_LORA_LAYERS.get(name, 2)
         common = [
-            str(LAYERS.get(name, 2)),
+            str(layers),
             *map(str, (args.batch, args.tokens, args.perturbations, args.projections)),
         ]
         speed = child(name, "speed", *common, str(args.repeats))
         mem = {m: child(name, m, *common, "1")["peak_mb"] for m in ("decomfl", "ferret")}
         med = {k: statistics.median(speed[k]) for k in ("decomfl", "ferret", "projection")}
         print(
-            f"| {name} ({LAYERS.get(name, 2)}) | {speed['trainable']:,} | {med['decomfl']:.3f} | "
+            f"| {name} ({layers}) | {speed['trainable']:,} | {med['decomfl']:.3f} | "
             f"{med['ferret']:.3f} | {med['projection']:.3f} | "
             f"{med['ferret'] / med['decomfl']:.2f}x | {mem['decomfl']:.0f} | {mem['ferret']:.0f} |"
         )

@@ -23,16 +23,14 @@ import torch
 
 from fedscalar.algorithms.base import ClientData
 from fedscalar.algorithms.zo import ZOAlgorithm, ZOSettings, ZOState
-from fedscalar.config import RunConfig
+from fedscalar.config import TEXT_LORA_LAYERS, RunConfig
 from fedscalar.messages import GlobalUpdate, TrainRequest
 from fedscalar.params import ParamSpace
 from fedscalar.tasks import build_task
 
-LAST_LAYERS = {"minilm-l6": 2, "smollm2-135m": 10}
-
 
 def variants(model: str) -> list[tuple[str, dict]]:
-    n = LAST_LAYERS.get(model, 2)
+    n = TEXT_LORA_LAYERS.get(model, 2)
     return [
         ("full, padded", dict(lora=False, pack_tokens=0)),
         ("full, packed", dict(lora=False)),

@@ -58,13 +58,12 @@ def task_defaults(field: str) -> str:
 
 
 def _help(field: str) -> str:
-    default = RunConfig.model_fields[field].default
-    shown = "" if default is None else f" (default: {_shown(field, default)}"
-    if shown and task_defaults(field):
-        shown += f"; {task_defaults(field)}"
-    shown += ")" if shown else ""
-    description = RunConfig.model_fields[field].description
-    return escape(f"{description}{shown}")  # "[flower-sim]" is text, not markup
+    info = RunConfig.model_fields[field]
+    if info.default is None:
+        return escape(info.description)  # "[flower-sim]" is text, not markup
+    tasks = task_defaults(field)
+    shown = _shown(field, info.default) + (f"; {tasks}" if tasks else "")
+    return escape(f"{info.description} (default: {shown})")
 
 
 def _flag_type(field: str) -> type:
