@@ -78,6 +78,7 @@ else:
 print(json.dumps(out))
 """
 
+
 def child(*args: str) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(
