@@ -79,10 +79,15 @@ def _x(ratio: float) -> str:
     return f"{ratio:,.0f}x" if ratio >= 10 else f"{ratio:.2f}x"
 
 
+def _finished(rows) -> list:
+    """The rows about finished runs (a row none of whose runs finished is left out)."""
+    return [r for r in rows if set(r.statuses) <= {"completed", "diverged"}]
+
+
 def _facts(rows) -> str:
     """Sentences computed from the table, so they never disagree with it (about finished
     runs only: a row still training is marked in the table and left out here)."""
-    rows = [r for r in rows if set(r.statuses) <= {"completed", "diverged"}]
+    rows = _finished(rows)
     by = {r.algorithm: r for r in rows}
     out = []
     if "decomfl" in by:
@@ -101,33 +106,43 @@ def _facts(rows) -> str:
 
 
 def _hiso_ratio(rows) -> str:
-    """Per seed, DeComFL's rounds over the rounds HiSo needs to reach DeComFL's final
-    accuracy (evaluated rounds only): the median and range over seeds."""
+    """Per seed that both finished: the rounds DeComFL took to first reach its final
+    accuracy over the rounds HiSo took to reach it (evaluated rounds only); the median
+    and range over seeds."""
     by = {r.algorithm: r for r in rows}
     if "decomfl" not in by or "hiso" not in by:
         return ""
+    hiso = dict(zip(by["hiso"].seeds, by["hiso"].curves, strict=True))
     ratios, missed = [], 0
-    for dec, hiso in zip(by["decomfl"].curves, by["hiso"].curves, strict=False):
-        goal, last = dec[-1]["test_accuracy"], dec[-1]["round"]
-        hits = (h["round"] for h in hiso if h["round"] > 0 and h["test_accuracy"] >= goal)
-        reach = next(hits, None)
+    for seed, dec in zip(by["decomfl"].seeds, by["decomfl"].curves, strict=True):
+        if seed not in hiso:
+            continue
+        goal = dec[-1]["test_accuracy"]
+        own = next((h["round"] for h in dec if h["round"] > 0 and h["test_accuracy"] >= goal), 0)
+        reach = next(
+            (h["round"] for h in hiso[seed] if h["round"] > 0 and h["test_accuracy"] >= goal),
+            None,
+        )
         if reach is None:
             missed += 1
         else:
-            ratios.append(last / reach)
+            ratios.append(own / reach)
     if not ratios:
+        if not missed:
+            return ""
         return "- HiSo did not reach DeComFL's final accuracy within the run on any seed."
     text = (
-        f"- Rounds for HiSo to reach DeComFL's final accuracy, as DeComFL's rounds over "
+        f"- Rounds to DeComFL's final accuracy (evaluated rounds), DeComFL's first over "
         f"HiSo's: median {statistics.median(ratios):.2f}x (range {min(ratios):.2f}x-"
         f"{max(ratios):.2f}x over {len(ratios)} seeds)"
     )
-    return text + (f"; not reached on {missed} seed(s)." if missed else ".")
+    return text + (f"; HiSo did not reach it on {missed} seed(s)." if missed else ".")
 
 
 def _lm_facts(rows) -> str:
     """Zero-shot and final accuracy on the whole test split, and the gaps the issue of
     scalar-only fine-tuning is about (DeComFL/HiSo against MeZO, FedZO and FedAvg)."""
+    rows = _finished(rows)
     by = {r.algorithm: r for r in rows}
     out = []
     for name in ("decomfl", "hiso"):

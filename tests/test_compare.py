@@ -283,6 +283,27 @@ def test_records_rebuild_the_report_once_the_run_folders_are_gone(tmp_path):
     assert not other.folder("decomfl", 0).exists()
 
 
+def test_a_row_is_about_finished_runs_and_names_the_unfinished_ones(tmp_path):
+    from fedscalar.report import collect, markdown
+
+    out = tmp_path / "cmp"
+    cmp.execute(cmp.plan(out, ["decomfl"], [0], **FAST), jobs=1, echo=lambda _: None)
+    cmp.execute(cmp.plan(out, ["decomfl"], [1], **{**FAST, "rounds": 4}), 1, echo=lambda _: None)
+    seed0 = [m for m in _metrics(out, "decomfl", 0) if "test_accuracy" in m]
+    seed1 = [m for m in _metrics(out, "decomfl", 1) if "test_accuracy" in m]
+    assert seed1[-1]["round"] == 4 and seed1[-1]["test_accuracy"] != seed0[-1]["test_accuracy"]
+
+    (row,), _ = collect(cmp.plan(out, ["decomfl"], [0, 1], **FAST), target=0.5)
+    assert (row.runs, row.seeds, row.pending) == (1, [0], {1: 4})
+    assert row.final == [seed0[-1]["test_accuracy"]] and row.statuses == ["completed"]
+    assert "1 (ok); not counted, unfinished: seed 1 at round 4 |" in markdown([row], 0.5)
+
+    # with no finished run, the row shows the unfinished ones as they stand
+    (row,), _ = collect(cmp.plan(out, ["decomfl"], [1], **FAST), target=0.5)
+    assert (row.seeds, row.pending, row.statuses) == ([1], {}, ["unfinished"])
+    assert row.final == [seed1[-1]["test_accuracy"]]
+
+
 def test_an_unfinished_run_resumes_from_its_record_on_a_fresh_folder(tmp_path):
     from fedscalar.report import restore_records, write_records
 

@@ -41,6 +41,8 @@ class Row:
     hours: list[float]  # training wall time over all the run's sessions, per seed
     full_initial: list[float]  # accuracy on the whole test split at round 0 (text tasks)
     full_final: list[float]  # ... at the last round, when it was scored there
+    seeds: list[int]  # the seeds of the runs above, in order
+    pending: dict[int, int]  # seed -> rounds done, of unfinished runs left out of the row
 
 
 def mean_std(values: list[float]) -> str:
@@ -55,19 +57,38 @@ def mean_std(values: list[float]) -> str:
 def collect(comparison: Comparison, target: float | None = None) -> tuple[list[Row], float | None]:
     """One `Row` per algorithm with at least one run that has metrics; and the target used.
 
+    A row is about its finished runs only (completed or diverged): an unfinished seed
+    would pull the mean towards its early accuracy, so it is left out and listed in
+    `Row.pending`. A row none of whose runs has finished shows them all as they stand.
+
     Without a target, it is 90% of the way from the mean accuracy at round 0 to the
     lowest mean final accuracy among the algorithms that did not diverge, floored to two
     decimals: an accuracy every such algorithm reached on its way, not only at its end.
     """
     raw: dict[str, list[tuple[dict[str, Any], list[dict[str, Any]]]]] = {}
+    seeds: dict[str, list[int]] = {}
+    pending: dict[str, dict[int, int]] = {}
     for name in comparison.algorithms:
+        found = []
         for seed in comparison.seeds:
-            rd = RunDir(comparison.folder(name, seed))
-            history = rd.read_metrics()
+            if (name, seed) not in comparison.runs:
+                continue
+            folder = comparison.folder(name, seed)
+            history = RunDir(folder).read_metrics()
             if not history:
                 continue
-            summary = rd.read_summary() or {"status": "running"}
-            raw.setdefault(name, []).append((summary, history))
+            summary = RunDir(folder).read_summary() or {"status": "running"}
+            done = state_of(folder, comparison.runs[name, seed]) == "done"
+            if not done and summary["status"] == "completed":  # fewer rounds than asked
+                summary = {**summary, "status": "unfinished"}
+            found.append((seed, summary, history, done))
+        if not found:
+            continue
+        keep = [f for f in found if f[3]] or found
+        raw[name] = [(summary, history) for _, summary, history, _ in keep]
+        seeds[name] = [seed for seed, *_ in keep]
+        kept = set(seeds[name])
+        pending[name] = {seed: h[-1]["round"] for seed, _, h, _ in found if seed not in kept}
     if target is None:
         finals = [
             statistics.mean(s["final_test_accuracy"] for s, _ in runs)
@@ -120,6 +141,8 @@ def collect(comparison: Comparison, target: float | None = None) -> tuple[list[R
                     for s, _ in runs
                     if s.get("final_full_test_accuracy") is not None
                 ],
+                seeds=seeds[name],
+                pending=pending[name],
             )
         )
     return rows, target
@@ -143,6 +166,15 @@ def _reached(values: list[int | None]) -> str:
 def _status(statuses: list[str]) -> str:
     odd = [s for s in statuses if s != "completed"]
     return "ok" if not odd else ", ".join(sorted(set(odd)))
+
+
+def _runs_cell(r: Row) -> str:
+    """``2 (ok)``, and the unfinished seeds the row leaves out with the rounds they did."""
+    cell = f"{r.runs} ({_status(r.statuses)})"
+    if r.pending:
+        left = ", ".join(f"seed {s} at round {n}" for s, n in sorted(r.pending.items()))
+        cell += f"; not counted, unfinished: {left}"
+    return cell
 
 
 HEADER = (
@@ -194,7 +226,7 @@ def markdown(rows: list[Row], target: float | None) -> str:
             f"{r.peak_mb:.0f}",
             _span(r.rounds, "d"),
             _span(r.hours, ".2f"),
-            f"{r.runs} ({_status(r.statuses)})",
+            _runs_cell(r),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     note = f"Target accuracy: {target:.2f}." if target is not None else "No target accuracy."
@@ -226,6 +258,7 @@ def write_csv(rows: list[Row], path: Path, target: float | None) -> None:
                 "full_test_accuracy_initial_mean",
                 "full_test_accuracy_final_mean",
                 "statuses",
+                "unfinished_left_out",
             ]
         )
         for r in rows:
@@ -252,6 +285,7 @@ def write_csv(rows: list[Row], path: Path, target: float | None) -> None:
                     statistics.mean(r.full_initial) if r.full_initial else "",
                     statistics.mean(r.full_final) if r.full_final else "",
                     " ".join(r.statuses),
+                    " ".join(f"seed{sd}:{n}" for sd, n in sorted(r.pending.items())),
                 ]
             )
 
