@@ -189,6 +189,26 @@ def test_an_algorithm_may_run_on_fewer_seeds(tmp_path):
         cmp.plan(tmp_path / "out2", file=spec)
 
 
+def test_flags_narrow_a_comparison_file_with_per_algorithm_tables(tmp_path):
+    spec = tmp_path / "c.toml"
+    spec.write_text(
+        'algorithms = ["decomfl", "mezo", "fedavg"]\nseeds = [0, 1, 2]\n[run]\n'
+        'task = "digits"\nrounds = 4\n[algorithm.mezo]\nseeds = [0]\n'
+        "[algorithm.fedavg]\nrounds = 2\n"
+    )
+    # one algorithm of the file: the other tables stay out of it
+    only = cmp.plan(tmp_path / "a", ["fedavg"], [1], file=spec)
+    assert list(only.runs) == [("fedavg", 1)] and only.runs["fedavg", 1].rounds == 2
+    # seeds narrowed past an algorithm's own seeds: that algorithm has no run
+    narrowed = cmp.plan(tmp_path / "b", ["decomfl", "mezo"], [1, 2], file=spec)
+    assert sorted(narrowed.runs) == [("decomfl", 1), ("decomfl", 2)]
+    assert narrowed.algorithms == ("decomfl",)
+    with pytest.raises(ConfigError, match=r"seeds: no algorithm has a run among the seeds \[1\]"):
+        cmp.plan(tmp_path / "c", ["mezo"], [1], file=spec)
+    # a seed beyond the file's list is the user's to add
+    assert list(cmp.plan(tmp_path / "d", ["decomfl"], [5], file=spec).runs) == [("decomfl", 5)]
+
+
 def test_a_run_that_backed_off_keeps_its_smaller_steps_when_the_comparison_resumes(tmp_path):
     comparison = cmp.plan(tmp_path, ["decomfl"], [0], **FAST)
     cmp.execute(comparison, echo=lambda _: None)

@@ -198,11 +198,19 @@ def compare(
     algorithms: Annotated[
         str | None,
         typer.Option(
-            "--algorithms", help="Comma-separated algorithms to compare.", show_default=False
+            "--algorithms",
+            help="Comma-separated algorithms to compare (default: the --config file's; a "
+            "subset of them runs just those).",
+            show_default=False,
         ),
     ] = None,
     seeds: Annotated[
-        str | None, typer.Option("--seeds", help="Comma-separated run seeds (default: 0).")
+        str | None,
+        typer.Option(
+            "--seeds",
+            help="Comma-separated run seeds (default: the --config file's, else 0; an "
+            "algorithm's own seeds are cut to these).",
+        ),
     ] = None,
     config: Annotated[
         Path | None,

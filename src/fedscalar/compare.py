@@ -152,9 +152,11 @@ def plan(
             )
     if len(set(algorithms)) != len(algorithms):
         raise ConfigError("algorithms: an algorithm is listed twice")
-    seeds = seeds or spec.get("seeds") or [0]
-    if len(set(seeds)) != len(seeds) or any(not isinstance(s, int) or s < 0 for s in seeds):
-        raise ConfigError(f"seeds: distinct non-negative integers, got {seeds}")
+    file_seeds = spec.get("seeds") or seeds or [0]
+    seeds = seeds or file_seeds
+    for given in (seeds, file_seeds):
+        if len(set(given)) != len(given) or any(not isinstance(s, int) or s < 0 for s in given):
+            raise ConfigError(f"seeds: distinct non-negative integers, got {given}")
     target = target if target is not None else spec.get("target")
     if target is not None and not 0 < target <= 1:
         raise ConfigError(f"target: an accuracy in (0, 1], got {target}")
@@ -169,8 +171,9 @@ def plan(
         if key in base:
             raise ConfigError(f"{key}: set by compare itself (use --algorithms, --seeds, --out)")
     tables = spec.get("algorithm", {})
+    listed = spec.get("algorithms") or algorithms  # --algorithms may narrow the file's list
     for name, table in tables.items():
-        if name not in algorithms:
+        if name not in listed:
             raise ConfigError(f"algorithm.{name}: a table for an algorithm not compared")
         fixed = sorted(set(table) & SHARED_ONLY)
         if fixed:
@@ -182,11 +185,15 @@ def plan(
     own_horizon: set[tuple[str, int]] = set()  # runs whose lr_decay_rounds was given
     for name in algorithms:
         table = dict(tables.get(name, {}))
-        own_seeds = table.pop("seeds", seeds)
-        if not isinstance(own_seeds, list) or not set(own_seeds) <= set(seeds):
-            raise ConfigError(
-                f"algorithm.{name}: seeds must be a subset of the comparison's seeds {seeds}"
-            )
+        own_seeds = seeds
+        if "seeds" in table:
+            own_seeds = table.pop("seeds")
+            if not isinstance(own_seeds, list) or not set(own_seeds) <= set(file_seeds):
+                raise ConfigError(
+                    f"algorithm.{name}: seeds must be a subset of the comparison's seeds "
+                    f"{file_seeds}"
+                )
+            own_seeds = [s for s in own_seeds if s in seeds]  # --seeds may narrow them
         for seed in own_seeds:
             values = {**base, **table, "algorithm": name, "seed": seed}
             if private is False:  # the no-DP column of a privacy comparison
@@ -203,6 +210,9 @@ def plan(
                 runs[name, seed] = _validated(values).resolved()
             except ConfigError as e:
                 raise ConfigError(f"{name}: {e}") from None
+    algorithms = [a for a in algorithms if any(n == a for n, _ in runs)]
+    if not algorithms:
+        raise ConfigError(f"seeds: no algorithm has a run among the seeds {seeds}")
     comparison = Comparison(Path(out), tuple(algorithms), tuple(seeds), target, runs)
     _check_existing(comparison, own_horizon)
     return comparison
