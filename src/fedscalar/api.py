@@ -4,9 +4,11 @@ simulation engine, which drives the same loop from its ServerApp."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from fedscalar.config import RESUMABLE_CHANGES, ConfigError, RunConfig, stored_config
+from fedscalar.evalcache import EvalCache
 from fedscalar.rundir import RunDir
 from fedscalar.runner import RoundCallback, RunResult, default_out, execute
 from fedscalar.runtime.base import RuntimeFactory
@@ -35,6 +37,7 @@ def run(
     runtime: RuntimeFactory | None = None,
     from_round: int | None = None,
     on_round: RoundCallback | None = None,
+    eval_cache: str | Path | None = None,
 ) -> RunResult:
     """Run (or resume) training as configured and return the summary.
 
@@ -46,6 +49,9 @@ def run(
     ``metrics.jsonl``) once the round is recorded; raising KeyboardInterrupt in it stops
     the run as Ctrl-C does (summary written, resumable), any other exception propagates
     (the rounds recorded so far stay, and ``resume`` continues from them).
+    ``eval_cache`` names a folder where round 0's evaluation is kept and reused by runs
+    that start from the same model on the same test data (`fedscalar.evalcache`;
+    ``compare`` gives its runs one).
     """
     if from_round is not None and not resume:
         raise ConfigError("from_round: only with --resume (it rolls a run back)")
@@ -87,4 +93,5 @@ def run(
         runtime=runtime,
         from_round=from_round,
         on_round=on_round,
+        eval_cache=EvalCache(eval_cache) if eval_cache is not None else None,
     )

@@ -102,6 +102,11 @@ class Comparison:
     def folder(self, algorithm: str, seed: int) -> Path:
         return run_folder(self.out, algorithm, seed)
 
+    @property
+    def eval_cache(self) -> Path:
+        """Where its runs share round 0's evaluation (`fedscalar.evalcache`)."""
+        return self.out / "eval-cache"
+
 
 def run_folder(out: Path, algorithm: str, seed: int) -> Path:
     return Path(out) / "runs" / algorithm / f"seed{seed}"
@@ -379,9 +384,12 @@ def _orphan_check(orphaned: threading.Event) -> Callable[[dict[str, Any]], None]
     return check
 
 
-def _train(cfg_toml: str, mode: str, threads: int, parent: int) -> dict[str, Any]:
+def _train(
+    cfg_toml: str, mode: str, threads: int, parent: int, cache: str | None = None
+) -> dict[str, Any]:
     """Worker: one run in a fresh process, started by comparison process ``parent``;
-    returns its summary (or the error)."""
+    returns its summary (or the error). Round 0's evaluation is shared through the
+    comparison's folder ``cache`` (`fedscalar.evalcache`)."""
     import logging
 
     import torch
@@ -404,9 +412,9 @@ def _train(cfg_toml: str, mode: str, threads: int, parent: int) -> dict[str, Any
     try:
         if mode == "resume":
             overrides = {k: getattr(cfg, k) for k in RESUMABLE_CHANGES if k != "runtime"}
-            result = run(resume=True, resume_overrides=overrides, on_round=check)
+            result = run(resume=True, resume_overrides=overrides, on_round=check, eval_cache=cache)
             return result.summary
-        return run(cfg, on_round=check).summary
+        return run(cfg, on_round=check, eval_cache=cache).summary
     except RunFailed as e:
         summary = RunDir(folder).read_summary() or {}
         return {**summary, "status": summary.get("status", "failed"), "error": str(e)}
@@ -447,7 +455,9 @@ def execute(
         with ProcessPoolExecutor(jobs, mp_context=ctx, max_tasks_per_child=1) as pool:
             pending = {}
             for name, seed, cfg, mode in todo:
-                future = pool.submit(_train, cfg.to_toml(), mode, threads, os.getpid())
+                future = pool.submit(
+                    _train, cfg.to_toml(), mode, threads, os.getpid(), str(comparison.eval_cache)
+                )
                 pending[future] = (name, seed, mode)
                 if mode == "resume":
                     echo(f"{name} seed {seed}: resuming")

@@ -29,6 +29,7 @@ from fedscalar.algorithms import (
     make_server,
 )
 from fedscalar.config import ConfigError, RunConfig
+from fedscalar.evalcache import EvalCache, eval_key
 from fedscalar.federation import (
     client_data,
     client_partitions,
@@ -127,13 +128,14 @@ def execute(
     runtime: RuntimeFactory | None,
     from_round: int | None = None,
     on_round: RoundCallback | None = None,
+    eval_cache: EvalCache | None = None,
 ) -> RunResult:
     """Run the resolved ``cfg`` in its folder ``cfg.out`` with the given runtime."""
     rd = RunDir(cfg.out or default_out(cfg))
     with rd.writing(), _sigterm_stops():
         if not resume and rd.exists():
             raise ConfigError(f"out: {rd.path} already holds a run; use --resume or another --out")
-        return _execute_locked(cfg, rd, resume, progress, runtime, from_round, on_round)
+        return _execute_locked(cfg, rd, resume, progress, runtime, from_round, on_round, eval_cache)
 
 
 @contextmanager
@@ -157,12 +159,14 @@ def _execute_locked(
     runtime: RuntimeFactory | None,
     from_round: int | None,
     on_round: RoundCallback | None = None,
+    eval_cache: EvalCache | None = None,
 ) -> RunResult:
     handler = _setup_logging(rd)
     try:
         while True:
             try:
-                return _Run(cfg, rd, resume, progress, runtime, on_round).execute(from_round)
+                run = _Run(cfg, rd, resume, progress, runtime, on_round, eval_cache)
+                return run.execute(from_round)
             except BackOff as b:
                 scale = cfg.lr_scale * cfg.divergence_backoff
                 log.warning(
@@ -215,8 +219,10 @@ class _Run:
         progress: bool,
         runtime: RuntimeFactory | None = None,
         on_round: RoundCallback | None = None,
+        eval_cache: EvalCache | None = None,
     ):
         self.cfg, self.rd, self.progress, self.on_round = cfg, rd, progress, on_round
+        self.eval_cache = eval_cache
         self._said: list[str] = []  # into run.log once the folder has passed its checks
         if resume:  # a corrupted or disagreeing folder stops here, nothing written
             self.ledger = Ledger.open(rd.ledger)
@@ -492,10 +498,22 @@ class _Run:
     # -- the loop -------------------------------------------------------------------------
     def _evaluate(self, rnd: int, record: dict[str, Any]) -> None:
         """Metrics on the evaluation subset; on the whole test split too at round 0 and at
-        the last round."""
-        record.update(self.task.evaluate(self.space.model))
+        the last round. Round 0's come from the evaluation cache when it has them."""
+        digest = self.task.eval_digest() if rnd == 0 and self.eval_cache else None
+        key = None
+        if digest is not None:
+            key = eval_key(self.space.model, digest, self.cfg.device)
+            cached = self.eval_cache.get(key)
+            if cached is not None:
+                record.update(cached)
+                log.info("round 0 evaluated earlier on the same model: from the cache")
+                return
+        metrics = self.task.evaluate(self.space.model)
         if rnd in (0, self.cfg.rounds):
-            record.update(self.task.evaluate_full(self.space.model))
+            metrics.update(self.task.evaluate_full(self.space.model))
+        if key is not None:
+            self.eval_cache.put(key, metrics)
+        record.update(metrics)
 
     def _check_divergence(self, history: list[dict[str, Any]]) -> None:
         """Raise `Diverged` when the latest test loss is ``divergence_ratio`` times the best

@@ -42,6 +42,12 @@ class Task(ABC):
         whole test split when `evaluate` uses a subset of it; empty otherwise."""
         return {}
 
+    def eval_digest(self) -> str | None:
+        """A digest of everything `evaluate` and `evaluate_full` score and how they batch
+        it, so that equal digests on an equal model give equal metrics; None: evaluation
+        is cheap, nothing is cached (`fedscalar.evalcache`)."""
+        return None
+
     def eval_size(self) -> int | None:
         """Examples `evaluate` scores (None: not known)."""
         return None

@@ -11,6 +11,7 @@ The data comes from `fedscalar.tasks.text_data`, batches are laid out by
 
 from __future__ import annotations
 
+import hashlib
 import warnings
 from dataclasses import dataclass
 
@@ -324,6 +325,15 @@ class TextTask(Task):
             "full_test_accuracy": metrics["test_accuracy"],
             "full_test_examples": n,
         }
+
+    def eval_digest(self) -> str:
+        h = hashlib.sha256()
+        h.update(repr((self.model_name, self._dtype, self.packed, self.s.pack_tokens)).encode())
+        h.update(repr((self.s.eval_batch_size, self.eval_index.tolist())).encode())
+        for ids in self.test_ids:
+            h.update(np.asarray(ids, np.int64).tobytes() + b"|")
+        h.update(np.ascontiguousarray(self.data.test_labels, np.int64).tobytes())
+        return h.hexdigest()
 
     def eval_size(self) -> int:
         return len(self.eval_index)
