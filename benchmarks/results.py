@@ -81,7 +81,18 @@ def _x(ratio: float) -> str:
 
 def _finished(rows) -> list:
     """The rows about finished runs (a row none of whose runs finished is left out)."""
-    return [r for r in rows if set(r.statuses) <= {"completed", "diverged"}]
+    return [r for r in rows if r.finished]
+
+
+def _training(rows, comparison) -> str:
+    """A line naming the runs still training that the table leaves out."""
+    left = [
+        f"{r.algorithm} seed {sd} (round {n} of {comparison.runs[r.algorithm, sd].rounds})"
+        for r in rows
+        if not r.finished
+        for sd, n in zip(r.seeds, r.rounds, strict=True)
+    ]
+    return f"Still training, not in the table: {', '.join(left)}.\n\n" if left else ""
 
 
 def _facts(rows) -> str:
@@ -214,7 +225,8 @@ def section(out: Path, name: str, jobs: int, train: bool = True, threads: int = 
         facts = "\n".join(x for x in (facts, _lm_facts(rows)) if x)
     return (
         f"## {name}\n\n{setup}. Comparison file: `benchmarks/results/{name}.toml`.\n\n"
-        f"{markdown(rows, target)}\n{facts}\n\n![{name}](results/{name}.png)\n\n"
+        f"{markdown(_finished(rows), target)}\n{_training(rows, comparison)}{facts}\n\n"
+        f"![{name}](results/{name}.png)\n\n"
         f"Final accuracy against the bytes one client exchanged over the run (the "
         f"frontier joins the methods that no other beats on both):\n\n"
         f"![{name}: accuracy against bytes](results/{name}-frontier.png)\n"

@@ -44,6 +44,11 @@ class Row:
     seeds: list[int]  # the seeds of the runs above, in order
     pending: dict[int, int]  # seed -> rounds done, of unfinished runs left out of the row
 
+    @property
+    def finished(self) -> bool:
+        """Whether the row is about finished runs (completed or diverged) only."""
+        return set(self.statuses) <= {"completed", "diverged"}
+
 
 def mean_std(values: list[float]) -> str:
     """``mean ± std`` to three decimals (the value alone for one, ``-`` for none)."""
@@ -304,8 +309,12 @@ def write_report(comparison: Comparison, title: str = "") -> tuple[Path, list[Ro
     if rows:
         from fedscalar.plots import plot_comparison, plot_frontier
 
-        plot_comparison({r.algorithm: r.curves for r in rows}, out / "comparison.png", title)
-        done = [r for r in rows if r.final]
+        plot_comparison(
+            {r.algorithm + ("" if r.finished else " (unfinished)"): r.curves for r in rows},
+            out / "comparison.png",
+            title,
+        )
+        done = [r for r in rows if r.final and r.finished]
         if done:
             plot_frontier(
                 {
