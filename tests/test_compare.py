@@ -365,3 +365,23 @@ def test_an_unfinished_run_resumes_from_its_record_on_a_fresh_folder(tmp_path):
         "metrics.jsonl",
         "summary.json",
     ]
+
+
+def test_progress_says_how_long_the_runs_in_flight_have_left(tmp_path):
+    from fedscalar.compare import _left, _progress
+
+    history = [{"round": 0}] + [{"round": r, "round_seconds": 2.0} for r in range(1, 11)]
+    assert _left(history, 100) == " (about 3 min left)"  # 90 rounds at 2 s
+    assert _left(history, 40) == " (about 60 s left)"
+    history[-1]["round_seconds"] = 500.0  # one slow round (an evaluation) moves no median
+    assert _left(history, 4000) == " (about 2.2 h left)"
+    assert _left(history[:1], 100) == ""  # round 0 only: no pace yet
+    comparison = cmp.plan(tmp_path, ["decomfl", "fedavg"], [0], **FAST)
+    folder = RunDir(comparison.folder("decomfl", 0))
+    folder.path.mkdir(parents=True)
+    for record in history[:5]:
+        folder.append_metrics(record)
+    runs = [("decomfl", 0, "new"), ("fedavg", 0, "new")]
+    assert _progress(comparison, runs) == (
+        "decomfl seed 0 4/8 (about 8 s left), fedavg seed 0 starting"
+    )

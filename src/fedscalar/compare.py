@@ -25,6 +25,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import shutil
+import statistics
 import threading
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -484,15 +485,28 @@ def execute(
 
 
 def _progress(comparison: Comparison, runs) -> str:
-    """``decomfl seed 0 146/200, ...`` for the runs in flight (``starting`` before their
-    first round)."""
+    """``decomfl seed 0 146/200 (about 4 min left), ...`` for the runs in flight
+    (``starting`` before their first round)."""
     parts = []
     for name, seed, _ in runs:
         history = RunDir(comparison.folder(name, seed)).read_metrics()
         total = comparison.runs[name, seed].rounds
-        done = f"{history[-1]['round']}/{total}" if history else "starting"
+        done = f"{history[-1]['round']}/{total}{_left(history, total)}" if history else "starting"
         parts.append(f"{name} seed {seed} {done}")
     return ", ".join(parts) or "starting"
+
+
+def _left(history: list[dict[str, Any]], total: int) -> str:
+    """`` (about 3.4 h left)``: the rounds to go at the median pace of the last 20."""
+    recent = [h["round_seconds"] for h in history[-20:] if "round_seconds" in h]
+    if not recent:
+        return ""
+    seconds = (total - history[-1]["round"]) * statistics.median(recent)
+    if seconds < 90:
+        return f" (about {seconds:.0f} s left)"
+    if seconds < 90 * 60:
+        return f" (about {seconds / 60:.0f} min left)"
+    return f" (about {seconds / 3600:.1f} h left)"
 
 
 def _brief(summary: dict[str, Any]) -> str:
