@@ -57,7 +57,11 @@ def test_a_comparison_evaluates_round_0_once_per_model(tiny_llama, news_csv, tmp
         torch.set_num_threads(threads)
     first = RunDir(alone.out).read_metrics()[0]
     assert first["test_accuracy"] is not None
-    assert all(f == first for f in firsts)
+
+    def numbers(record: dict) -> dict:
+        return {k: v for k, v in record.items() if k != "wall_seconds"}  # timing aside
+
+    assert all(numbers(f) == numbers(first) for f in firsts)
 
 
 def test_an_unreadable_entry_is_computed_again(tmp_path):

@@ -52,6 +52,8 @@ def test_run_folder_contents(tmp_path):
         1
     ].keys()
     assert "test_accuracy" in lines[5] and "test_accuracy" not in lines[4]
+    clock = [m["wall_seconds"] for m in lines]  # round 0's evaluation is on the clock
+    assert 0 < clock[0] < clock[1] and clock == sorted(clock)
     # bytes: K=1, P=5 -> 31 B up per client; down 14 B request + catch-up (11 + 28/round)
     assert all(m["bytes_up"] == 2 * 31 for m in lines[1:])
     assert summary["bytes_up_per_client_round"] == 31
