@@ -6,8 +6,8 @@ SmolLM2-135M on `sentiment`), the same for every algorithm and seed: a LoRA adap
 starts with B = 0 and adds exactly nothing. `EvalCache` keeps those metrics in a folder
 under a key that holds everything the numbers depend on: the model's effective weights
 and buffers (an inert adapter left out), what the task scores and how it batches it,
-dtype, device, torch threads and version. A different key is a miss, so a cached number
-is the one the run would have computed.
+dtype, device, torch threads and version, fedscalar's version and `KEY_VERSION`. A
+different key is a miss, so a cached number is the one the run would have computed.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import torch
 from torch import nn
 
 LORA_A, LORA_B = ".lora_A.", ".lora_B."
+KEY_VERSION = 1
+"""Part of every key: raise it when a change of the evaluation code changes its numbers."""
 
 
 def model_digest(model: nn.Module) -> str:
@@ -45,8 +47,11 @@ def model_digest(model: nn.Module) -> str:
 
 def eval_key(model: nn.Module, task_digest: str, device: str) -> str:
     """The cache key of evaluating ``model`` as a task with ``task_digest`` scores."""
+    from fedscalar import __version__
+
     parts = [model_digest(model), task_digest, device, str(torch.get_num_threads())]
-    return hashlib.sha256("|".join([*parts, torch.__version__]).encode()).hexdigest()
+    parts += [torch.__version__, __version__, str(KEY_VERSION)]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
 class EvalCache:
