@@ -79,10 +79,11 @@ def collect(comparison: Comparison, target: float | None = None) -> tuple[list[R
             if (name, seed) not in comparison.runs:
                 continue
             folder = comparison.folder(name, seed)
-            history = RunDir(folder).read_metrics()
+            rd = RunDir(folder)
+            history = rd.read_metrics()
             if not history:
                 continue
-            summary = RunDir(folder).read_summary() or {"status": "running"}
+            summary = rd.read_summary() or {"status": "running"}
             done = state_of(folder, comparison.runs[name, seed]) == "done"
             if not done and summary["status"] == "completed":  # fewer rounds than asked
                 summary = {**summary, "status": "unfinished"}

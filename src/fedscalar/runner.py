@@ -498,20 +498,24 @@ class _Run:
     # -- the loop -------------------------------------------------------------------------
     def _evaluate(self, rnd: int, record: dict[str, Any]) -> None:
         """Metrics on the evaluation subset; on the whole test split too at round 0 and at
-        the last round. Round 0's come from the evaluation cache when it has them."""
-        digest = self.task.eval_digest() if rnd == 0 and self.eval_cache else None
-        key = None
-        if digest is not None:
-            key = eval_key(self.space.model, digest, self.cfg.device)
-            cached = self.eval_cache.get(key)
-            if cached is not None:
-                record.update(cached)
-                log.info("round 0 evaluated earlier on the same model: from the cache")
-                return
-        metrics = self.task.evaluate(self.space.model)
+        the last round."""
+        record.update(self.task.evaluate(self.space.model))
         if rnd in (0, self.cfg.rounds):
-            metrics.update(self.task.evaluate_full(self.space.model))
-        if key is not None:
+            record.update(self.task.evaluate_full(self.space.model))
+
+    def _evaluate_start(self, record: dict[str, Any]) -> None:
+        """Round 0's `_evaluate`, from the evaluation cache when it holds this model's."""
+        digest = self.task.eval_digest() if self.eval_cache is not None else None
+        if digest is None:
+            self._evaluate(0, record)
+            return
+        key = eval_key(self.space.model, digest, self.cfg.device)
+        metrics = self.eval_cache.get(key)
+        if metrics is not None:
+            log.info("round 0 evaluated earlier on the same model: from the cache")
+        else:
+            metrics = {}
+            self._evaluate(0, metrics)
             self.eval_cache.put(key, metrics)
         record.update(metrics)
 
@@ -599,7 +603,7 @@ class _Run:
                 "wall_seconds": 0.0,
             }
             t0 = time.perf_counter()
-            self._evaluate(0, record)
+            self._evaluate_start(record)
             record["wall_seconds"] = time.perf_counter() - t0  # the run's clock starts here
             rd.append_metrics(record)
             history = [record]
