@@ -120,6 +120,37 @@ def test_export_cli_writes_the_replayed_weights(tmp_path):
     assert all(torch.equal(exported[n], final[n]) for n in final)
 
 
+def test_verify_replays_the_ledger_to_the_checkpoint_and_names_a_changed_value(tmp_path):
+    out = tmp_path / "h"
+    run(RunConfig(algorithm="hiso", rounds=7, out=str(out), **SMALL))
+    ok = CliRunner().invoke(app, ["verify", str(out)])
+    assert ok.exit_code == 0, ok.output
+    tensors, _ = _weights(out)
+    assert f"all {sum(t.numel() for t in tensors.values()):,} values" in ok.output  # and H
+    assert "round 7" in ok.output
+    name = next(n for n in tensors if n.startswith("curvature::"))
+    flat = tensors[name].reshape(-1)
+    flat[3] = torch.nextafter(flat[3], torch.tensor(float("inf")))  # one unit in one value
+    RunDir.save_tensors(RunDir(out).checkpoint, tensors, {"round": "7"})
+    bad = CliRunner().invoke(app, ["verify", str(out), "--device", "cpu"])
+    assert bad.exit_code == 1, bad.output
+    assert " 1 of " in bad.output and name in bad.output
+
+
+@pytest.mark.parametrize("case", ["fedavg", "no checkpoint", "no run"])
+def test_verify_refuses_what_it_cannot_replay_in_one_line(tmp_path, case):
+    out = tmp_path / "r"
+    if case != "no run":
+        algorithm = "fedavg" if case == "fedavg" else "decomfl"
+        run(RunConfig(algorithm=algorithm, rounds=3, lr=0.1, out=str(out), **SMALL))
+    if case == "no checkpoint":
+        RunDir(out).checkpoint.unlink()
+    result = CliRunner().invoke(app, ["verify", str(out)])
+    assert result.exit_code == 2, result.output
+    expected = {"fedavg": "nothing to replay", "no checkpoint": "missing", "no run": "no run"}
+    assert expected[case] in result.output
+
+
 @pytest.mark.parametrize(
     "args,field",
     [

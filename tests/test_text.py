@@ -13,6 +13,7 @@ from fedscalar import run
 from fedscalar.algorithms import ClientData
 from fedscalar.algorithms.zo import ZOAlgorithm, ZOClient, ZOServer, ZOSettings, ZOState
 from fedscalar.cli import app
+from fedscalar.export import verify
 from fedscalar.messages import CatchUp, decode, encode
 from fedscalar.params import ParamSpace
 from fedscalar.rundir import RunDir
@@ -129,6 +130,7 @@ def test_local_folder_model_runs_resumes_and_exports(
         weights = {k for k in final if not k.startswith("curvature::")}
         assert exported.keys() == weights
         assert all(torch.equal(exported[k], final[k]) for k in weights)
+        assert verify(out).identical  # a fresh model from the folder replays to the same bits
 
 
 def test_sentiment_data_split_is_fixed():

@@ -335,6 +335,33 @@ def export(
     typer.echo(f"wrote {output} (weights after round {rounds})")
 
 
+@app.command()
+def verify(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder (the --out of `fedscalar run`).")],
+    device: Annotated[str, typer.Option(help="Device to replay on: cpu, cuda or auto.")] = "cpu",
+) -> None:
+    """Replay the ledger on DEVICE and check that it gives the run's own weights (and
+    HiSo's H) at its checkpoint, bit for bit. Exit 0 if so, 1 if not."""
+    from fedscalar.export import verify as verify_run
+
+    try:
+        found = verify_run(run_dir, device)
+    except (ConfigError, LedgerError, FileNotFoundError, ValueError) as e:
+        raise _fail(str(e)) from None
+    if found.identical:
+        typer.echo(
+            f"{run_dir}: replayed on {device}, round {found.round}: all {found.values:,} "
+            "values equal the run's checkpoint bit for bit"
+        )
+        return
+    typer.echo(
+        f"{run_dir}: replayed on {device}, round {found.round}: {found.differing:,} of "
+        f"{found.values:,} values differ from the run's checkpoint (largest "
+        f"{found.largest:.3g}, in {found.worst})"
+    )
+    raise typer.Exit(1)
+
+
 def main() -> None:
     try:
         app()

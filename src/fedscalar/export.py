@@ -1,13 +1,17 @@
-"""Rebuild a run's trained weights from its base weights and its ledger."""
+"""Rebuild a run's trained weights from its base weights and its ledger, and check them
+against what the training process wrote."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from fedscalar.algorithms import make_server
 from fedscalar.config import ConfigError, stored_config
+from fedscalar.federation import resolve_device
 from fedscalar.header import check_header, load_base
 from fedscalar.ledger import Ledger
 from fedscalar.params import ParamSpace
@@ -16,12 +20,12 @@ from fedscalar.tasks import build_task
 from fedscalar.tasks.hf import MissingPackage
 
 
-def rebuild(run_dir: str | Path, rounds: int | None = None) -> tuple[dict[str, torch.Tensor], int]:
-    """The model weights after ``rounds`` (default: all) rounds of the run in ``run_dir``.
-
-    DeComFL and HiSo weights are replayed from ``base.safetensors`` and ``ledger.bin``
-    alone; FedAvg's are read from its checkpoint (its ledger holds no updates).
-    """
+def _replay(
+    run_dir: str | Path, rounds: int | None, device: str
+) -> tuple[RunDir, Any, ParamSpace, int]:
+    """The run's server with ``rounds`` (default: all) rounds of its ledger applied on
+    ``device``, its ParamSpace and the round reached; FedAvg-like runs (nothing to
+    replay) give a None server and their checkpoint's weights in the space."""
     rd = RunDir(run_dir)
     if not rd.exists():
         raise ConfigError(f"run: no run folder at {rd.path} (config.toml missing)")
@@ -30,7 +34,7 @@ def rebuild(run_dir: str | Path, rounds: int | None = None) -> tuple[dict[str, t
         task = build_task(cfg)
     except (ValueError, MissingPackage) as e:
         raise ConfigError(str(e)) from None
-    space = ParamSpace(task.build_model(cfg.seed))
+    space = ParamSpace(task.build_model(cfg.seed).to(resolve_device(device)))
     ledger = Ledger.open(rd.ledger)  # read only: a torn last record is ignored, not cut
     cfg = check_header(rd, cfg, ledger.header)
     target = len(ledger) if rounds is None else rounds
@@ -38,14 +42,85 @@ def rebuild(run_dir: str | Path, rounds: int | None = None) -> tuple[dict[str, t
         tensors, meta = RunDir.load_tensors(rd.checkpoint)
         if rounds is not None and int(meta["round"]) != rounds:
             raise ConfigError(f"rounds: {cfg.algorithm} can only be exported at its checkpoint")
-        return {n: tensors[n] for n in space.names}, int(meta["round"])
+        space.load_state_(tensors)
+        return rd, None, space, int(meta["round"])
     if target > len(ledger):
         raise ConfigError(f"rounds: the ledger holds {len(ledger)} rounds, asked for {target}")
     load_base(rd, space, ledger.header)
     server = make_server(cfg.resolved(), space, ledger.updates)
     for update in ledger.updates[:target]:
         server.apply(update)
-    return space.state(), target
+    return rd, server, space, target
+
+
+def rebuild(
+    run_dir: str | Path, rounds: int | None = None, device: str = "cpu"
+) -> tuple[dict[str, torch.Tensor], int]:
+    """The model weights (on the CPU) after ``rounds`` (default: all) rounds of the run in
+    ``run_dir``, and that round.
+
+    DeComFL and HiSo weights are replayed on ``device`` from ``base.safetensors`` and
+    ``ledger.bin`` alone; FedAvg's are read from its checkpoint (its ledger holds no updates).
+    """
+    _, _, space, reached = _replay(run_dir, rounds, device)
+    return {n: t.cpu() for n, t in space.state().items()}, reached
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How a replay compares with the weights a training process wrote (`verify`)."""
+
+    round: int
+    values: int
+    differing: int
+    largest: float
+    worst: str | None  # the tensor holding the largest difference
+
+    @property
+    def identical(self) -> bool:
+        return self.differing == 0
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+    return t.detach().cpu().contiguous().view(ints[t.element_size()])
+
+
+def verify(run_dir: str | Path, device: str = "cpu") -> Agreement:
+    """Replay the run's ledger on ``device`` to its checkpoint's round and compare the
+    result (the weights, and HiSo's H) with the checkpoint the training process wrote,
+    bit for bit: what any party holding the ledger derives, against what the run holds."""
+    rd = RunDir(run_dir)
+    held = rd.checkpoint_round() if rd.exists() else None
+    if rd.exists() and held is None:
+        raise ConfigError(f"verify: {rd.checkpoint} is missing: nothing to compare against")
+    _, server, _, reached = _replay(run_dir, held, device)
+    if server is None:
+        cfg = stored_config(rd.config)
+        raise ConfigError(
+            f"verify: {cfg.algorithm} keeps its weights only in its checkpoint (its ledger "
+            "holds no updates): there is nothing to replay"
+        )
+    written, _ = RunDir.load_tensors(rd.checkpoint)
+    values = differing = 0
+    largest, worst = 0.0, None
+    for name, mine in server.state_tensors().items():
+        if name not in written:
+            raise ConfigError(f"verify: {rd.checkpoint} lacks {name}")
+        theirs = written[name]
+        if theirs.shape != mine.shape or theirs.dtype != mine.dtype:
+            raise ConfigError(
+                f"verify: {name} is {theirs.dtype} {tuple(theirs.shape)} in "
+                f"{rd.checkpoint}, {mine.dtype} {tuple(mine.shape)} replayed"
+            )
+        values += mine.numel()
+        off = _bits(mine) != _bits(theirs)
+        if bool(off.any()):
+            differing += int(off.sum())
+            gap = float((mine.detach().cpu().double() - theirs.double()).abs().max())
+            if worst is None or gap > largest:
+                largest, worst = gap, name
+    return Agreement(reached, values, differing, largest, worst)
 
 
 def export(run_dir: str | Path, output: str | Path) -> int:
