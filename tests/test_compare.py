@@ -238,6 +238,24 @@ def test_the_command_prints_the_table_and_where_the_files_are(tmp_path):
     assert str(tmp_path / "frontier.png") in result.output
 
 
+def test_report_only_tabulates_the_runs_as_they_stand_and_trains_nothing(tmp_path):
+    out = tmp_path / "cmp"
+    common = ["--task", "digits", "--rounds", "8", "--eval-every", "4", "--seeds", "0,1"]
+    args = ["compare", "--out", str(out), "--algorithms", "decomfl,hiso", *common]
+    missing = CliRunner().invoke(app, [*args, "--report-only"])
+    assert missing.exit_code == 2 and "no comparison" in missing.output and not out.exists()
+    cmp.execute(cmp.plan(out, ["decomfl"], [0], **FAST), jobs=1, echo=lambda _: None)
+    cmp.execute(cmp.plan(out, ["decomfl"], [1], **{**FAST, "rounds": 4}), 1, echo=lambda _: None)
+    before = sorted(p.relative_to(out) for p in out.rglob("*") if "runs" in p.parts)
+    result = CliRunner().invoke(app, [*args, "--report-only"])
+    assert result.exit_code == 0, result.output
+    assert "not counted, unfinished: seed 1 at round 4" in result.output
+    assert "| hiso |" not in result.output  # not started: no row, and still not started
+    assert sorted(p.relative_to(out) for p in out.rglob("*") if "runs" in p.parts) == before
+    assert (out / "results.md").read_text().count("| decomfl |") == 1
+    assert _metrics(out, "decomfl", 1)[-1]["round"] == 4  # resumed by nothing
+
+
 def test_an_algorithm_only_option_reaches_only_the_algorithms_that_take_it(tmp_path):
     comparison = cmp.plan(
         tmp_path / "out",

@@ -92,6 +92,7 @@ def test_run_and_compare_take_every_config_field():
     assert _flags(commands["run"]) == fields | own_run
     shared = fields - {"--" + f for f in NOT_SHARED}
     own_compare = {"--out", "--algorithms", "--seeds", "--config", "--target", "--jobs"}
+    own_compare |= {"--report-only"}
     assert _flags(commands["compare"]) == shared | own_compare
 
 

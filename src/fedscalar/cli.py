@@ -230,6 +230,14 @@ def compare(
         ),
     ] = None,
     jobs: Annotated[int, typer.Option("--jobs", help="Runs trained at once.", min=1)] = 1,
+    report_only: Annotated[
+        bool,
+        typer.Option(
+            "--report-only",
+            help="Write the table, CSV and plots from the runs as they stand (finished, "
+            "stopped, or training in another process); train nothing.",
+        ),
+    ] = False,
     dp_epsilon: Annotated[
         str | None,
         typer.Option(
@@ -254,13 +262,22 @@ def compare(
         in_file = config is not None and "dp_epsilon" in read_toml(config)
         if in_file or (budgets is not None and len(budgets) > 1):
             parts = cmp.plan_budgets(out, budgets, names, seed_list, config, target, **flags)
-            _compare_budgets(out, parts, jobs)
+            if report_only and not out.is_dir():
+                raise ConfigError(f"out: no comparison at {out} yet (nothing to report)")
+            _compare_budgets(out, parts, jobs, report_only)
             return
         if budgets is not None and budgets[0] is not None:
             flags["dp_epsilon"] = budgets[0]
         comparison = cmp.plan(out, names, seed_list, config, target, **flags)
+        if report_only and not comparison.out.is_dir():
+            raise ConfigError(f"out: no comparison at {comparison.out} yet (nothing to report)")
     except (ConfigError, LedgerError) as e:
         raise _fail(str(e)) from None
+    if report_only:
+        path, rows, target = write_report(comparison, _title(comparison))
+        typer.echo(markdown(rows, target))
+        typer.echo(f"written: {path} (nothing trained)")
+        return
     total = len(comparison.runs)
     typer.echo(
         f"comparing {', '.join(comparison.algorithms)} over seeds "
@@ -281,13 +298,21 @@ def compare(
         raise _fail(f"runs failed: {', '.join(failed)} (see their run.log)", code=1)
 
 
-def _compare_budgets(out: Path, parts, jobs: int) -> None:
-    """A privacy comparison: each budget's comparison in turn, then the table of
-    accuracy against epsilon."""
+def _compare_budgets(out: Path, parts, jobs: int, report_only: bool = False) -> None:
+    """A privacy comparison: each budget's comparison in turn (none with
+    ``report_only``), then the table of accuracy against epsilon."""
     from fedscalar import compare as cmp
     from fedscalar.report import write_privacy_report
 
     title = _title(parts[0][1])
+    if report_only:
+        present = [(e, c) for e, c in parts if c.out.is_dir()]  # budgets not started: none
+        if not present:
+            raise _fail(f"out: no budget of {out} has started yet (nothing to report)")
+        path, table = write_privacy_report(out, present, title)
+        typer.echo(table)
+        typer.echo(f"written: {path} (nothing trained)")
+        return
     total = sum(len(c.runs) for _, c in parts)
     budgets = ", ".join("none" if e is None else f"{e:g}" for e, _ in parts)
     typer.echo(f"comparing over privacy budgets {budgets}: {total} runs in {out}")
