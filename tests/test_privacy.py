@@ -213,6 +213,11 @@ def test_compare_over_budgets_tabulates_accuracy_against_epsilon(tmp_path):
         assert "dp_epsilon" not in plain and "dp_clip = 1.0" in plain  # DP options dropped
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 0 and again.output.count("finished earlier, skipped") == 2
+    wider = [a if a != "8,none" else "3,8,none" for a in args]  # budget 3 never started
+    report = CliRunner().invoke(app, [*wider, "--report-only"])
+    assert report.exit_code == 0, report.output
+    assert "nothing trained" in report.output and not (out / "epsilon-3").exists()
+    assert "| algorithm | epsilon 8 | no DP |" in (out / "privacy.md").read_text()
 
 
 @pytest.mark.parametrize(
