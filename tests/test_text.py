@@ -159,6 +159,15 @@ def test_sentiment_data_split_is_fixed():
             "label_column: 'sentence' has 150 distinct values in 150 rows, so it looks like text",
         ),
         (
+            ["--dataset", "{bad}/texts_as_labels.csv"],
+            "label_column: 'topic' has 50 distinct values in 50 rows, so it looks like text, "
+            "not class labels (e.g. '0 the movie was good . the plot was f...', '1 the",
+        ),
+        (
+            ["--dataset", "{bad}/singletons.csv"],
+            "label_column: no class of 'topic' has 2 rows",
+        ),
+        (
             ["--dataset", "{bad}/missing_text.csv"],
             "text_column: 'sentence' is missing or empty in 10 of 20 rows of the train split "
             "(rows 1, 3, 5, 7, 9, ...",
@@ -294,6 +303,16 @@ def bad_data(tmp_path_factory):
         [["world news", "world"], ["", "sports"], ["sports game", "sports"], ["", "world"]] * 5,
     )
     _write_csv(folder / "one_class.csv", ["sentence", "topic"], [["world news", "world"]] * 10)
+    _write_csv(  # a short file whose label column holds the texts: one value per row
+        folder / "texts_as_labels.csv",
+        ["sentence", "topic"],
+        [[f"doc {i}", f"{i} {long_text}"] for i in range(50)],
+    )
+    _write_csv(  # labels, but none with two rows: nothing to hold out for testing
+        folder / "singletons.csv",
+        ["sentence", "topic"],
+        [[f"doc {i}", t] for i, t in enumerate(["world", "sports", "world", "tech", "news"])],
+    )
     return folder
 
 

@@ -56,7 +56,8 @@ def load_sentiment() -> TextData:
 
 
 LABEL_VALUES_LIMIT = 100
-"""A label column with more distinct values than this and than half its rows is text."""
+"""A label column with more distinct values than this and than half its rows is text (as
+is one with a different value in every row)."""
 
 
 def load_dataset_columns(dataset: str, text_column: str, label_column: str) -> TextData:
@@ -74,8 +75,9 @@ def load_dataset_columns(dataset: str, text_column: str, label_column: str) -> T
 
     Raises ValueError, with a message starting with the option at fault, for an empty
     file, no rows, missing or empty texts, missing labels, a label column that looks like
-    text (more than `LABEL_VALUES_LIMIT` distinct values and more than half the rows),
-    fewer than 2 classes, or held-out labels that never occur in training.
+    text (more than `LABEL_VALUES_LIMIT` distinct values and more than half the rows, or
+    a different value in every row), fewer than 2 classes, no class with 2 rows to split
+    off a test set, or held-out labels that never occur in training.
     """
     import datasets
 
@@ -109,7 +111,10 @@ def load_dataset_columns(dataset: str, text_column: str, label_column: str) -> T
         to_id = {i: i for i in range(len(names))}
     else:
         values = sorted(set(train_values), key=_label_key(train_values))
-        if len(values) > LABEL_VALUES_LIMIT and len(values) > len(train_values) / 2:
+        every_row_its_own = len(values) == len(train_values) > 2
+        if len(values) > len(train_values) / 2 and (
+            len(values) > LABEL_VALUES_LIMIT or every_row_its_own
+        ):
             shown = ", ".join(repr(_clip(v)) for v in list(dict.fromkeys(train_values))[:3])
             raise ValueError(
                 f"label_column: {label_column!r} has {len(values):,} distinct values in "
@@ -128,6 +133,11 @@ def load_dataset_columns(dataset: str, text_column: str, label_column: str) -> T
         )
     if held_out is None:
         train_part, test_part = stratified_split(train_labels, 0.2, SPLIT_SEED)
+        if len(test_part) == 0:
+            raise ValueError(
+                f"label_column: no class of {label_column!r} has 2 rows in {dataset!r}, so "
+                "no test rows can be held out of it; give more rows per class or a test split"
+            )
         return TextData(
             [train_texts[i] for i in train_part],
             train_labels[train_part],
