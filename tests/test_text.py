@@ -425,6 +425,20 @@ def test_one_file_is_split_80_20_stratified_by_label(tmp_path, news_csv):
     assert np.bincount(data.train_labels).tolist() == [32, 7, 1]  # a lone example trains
 
 
+def test_a_tsv_file_reads_as_its_csv_does(tmp_path, news_csv):
+    from fedscalar.tasks.text_data import load_dataset_columns
+
+    tsv = tmp_path / "news.TSV"  # tab-separated, as GLUE ships SST-2; texts may hold commas
+    tsv.write_text(news_csv.read_text().replace(",", "\t").replace("good", "good, really"))
+    data = load_dataset_columns(str(tsv), "sentence", "topic")
+    plain = load_dataset_columns(str(news_csv), "sentence", "topic")
+    assert data.label_names == plain.label_names and (data.test_labels == plain.test_labels).all()
+    assert data.test_texts == [t.replace("good", "good, really") for t in plain.test_texts]
+    (tmp_path / "x.xlsx").write_bytes(b"PK\x03\x04")
+    with pytest.raises(ValueError, match=r"unsupported file type '.xlsx' \(.csv, .tsv"):
+        load_dataset_columns(str(tmp_path / "x.xlsx"), "sentence", "topic")
+
+
 def test_a_text_column_given_as_labels_is_one_short_line(bad_data):
     from fedscalar.tasks.text_data import load_dataset_columns
 

@@ -61,7 +61,7 @@ is one with a different value in every row)."""
 
 
 def load_dataset_columns(dataset: str, text_column: str, label_column: str) -> TextData:
-    """Any HF dataset (hub name or local folder/file of CSV, JSON or parquet).
+    """Any HF dataset (hub name or local folder/file of CSV, TSV, JSON or parquet).
 
     Uses its ``train`` split and, held out, its ``test`` split (or ``validation`` when
     ``test`` is missing or unlabelled). With no held-out split, ``train`` is split 80/20
@@ -166,18 +166,21 @@ def _load_dataset(dataset: str):
 
     path = Path(dataset)
     if path.is_file():
-        kind = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}.get(
-            path.suffix
-        )
+        kinds = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json"}
+        kind = {**kinds, ".parquet": "parquet"}.get(path.suffix.lower())
         if kind is None:
-            raise ValueError(f"dataset: unsupported file type {path.suffix!r}")
+            raise ValueError(
+                f"dataset: unsupported file type {path.suffix!r} (.csv, .tsv, .json, .jsonl "
+                "or .parquet)"
+            )
         if path.stat().st_size == 0:
             raise ValueError(f"dataset: {dataset!r} is empty (0 bytes)")
     bars_on = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # problems are one line: no "Generating train split" bars
     try:
         if path.is_file():
-            return datasets.load_dataset(kind, data_files=str(path))
+            tabs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+            return datasets.load_dataset(kind, data_files=str(path), **tabs)
         return datasets.load_dataset(dataset)
     except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
         raise ValueError(f"dataset: cannot load {dataset!r}: {_first_line(e)}") from None
