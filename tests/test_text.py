@@ -154,6 +154,7 @@ def test_sentiment_data_split_is_fixed():
         (["--lora", "--task", "digits"], "only for text tasks, not digits"),
         (["--dataset", "{bad}/empty.csv"], "empty.csv' is empty (0 bytes)"),
         (["--dataset", "{bad}/header.csv"], "header.csv' has no rows (only a header?)"),
+        (["--dataset", "{bad}/typo.csv"], "dataset: no file or folder '"),
         (
             ["--dataset", "{bad}/documents.csv", "--label-column", "sentence"],
             "label_column: 'sentence' has 150 distinct values in 150 rows, so it looks like text",

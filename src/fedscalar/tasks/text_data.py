@@ -161,13 +161,22 @@ def load_dataset_columns(dataset: str, text_column: str, label_column: str) -> T
     )
 
 
+FILE_TYPES = {
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+}
+"""The local files ``--dataset`` reads, by suffix, and the datasets library's loader."""
+
+
 def _load_dataset(dataset: str):
     import datasets
 
     path = Path(dataset)
     if path.is_file():
-        kinds = {".csv": "csv", ".tsv": "csv", ".json": "json", ".jsonl": "json"}
-        kind = {**kinds, ".parquet": "parquet"}.get(path.suffix.lower())
+        kind = FILE_TYPES.get(path.suffix.lower())
         if kind is None:
             raise ValueError(
                 f"dataset: unsupported file type {path.suffix!r} (.csv, .tsv, .json, .jsonl "
@@ -175,6 +184,8 @@ def _load_dataset(dataset: str):
             )
         if path.stat().st_size == 0:
             raise ValueError(f"dataset: {dataset!r} is empty (0 bytes)")
+    elif not path.exists() and (path.suffix.lower() in FILE_TYPES or dataset[:1] in "./~"):
+        raise ValueError(f"dataset: no file or folder {dataset!r}")  # a path, not a hub name
     bars_on = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # problems are one line: no "Generating train split" bars
     try:
@@ -184,6 +195,11 @@ def _load_dataset(dataset: str):
         return datasets.load_dataset(dataset)
     except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
         raise ValueError(f"dataset: cannot load {dataset!r}: {_first_line(e)}") from None
+    except ConnectionError:  # a hub name with no network
+        raise ValueError(
+            f"dataset: {dataset!r} is no local file or folder, and the hub cannot be reached "
+            "to look for it there"
+        ) from None
     except ValueError as e:
         if "corresponds to no data" in str(e):  # the datasets library on a header-only file
             raise ValueError(f"dataset: {dataset!r} has no rows (only a header?)") from None
