@@ -319,6 +319,12 @@ class _Run:
         for message in self._said:
             log.info(message)
 
+    def _tell(self, message: str) -> None:
+        """A step after start-up: into run.log, and on the terminal when progress is shown."""
+        log.info(message)
+        if self.progress:
+            print(message, file=sys.stderr, flush=True)
+
     def _say(self, message: str) -> None:
         """A start-up step: on the terminal when progress is shown, and into run.log."""
         self._said.append(message)
@@ -506,17 +512,16 @@ class _Run:
     def _evaluate_start(self, record: dict[str, Any]) -> None:
         """Round 0's `_evaluate`, from the evaluation cache when it holds this model's."""
         digest = self.task.eval_digest() if self.eval_cache is not None else None
-        if digest is None:
-            self._evaluate(0, record)
-            return
-        key = eval_key(self.space.model, digest, self.cfg.device)
-        metrics = self.eval_cache.get(key)
+        key = None if digest is None else eval_key(self.space.model, digest, self.cfg.device)
+        metrics = None if key is None else self.eval_cache.get(key)
         if metrics is not None:
-            log.info("round 0 evaluated earlier on the same model: from the cache")
+            self._tell("round 0: evaluated earlier on the same model, read from the cache")
         else:
+            self._tell("round 0: evaluating the model before training")  # minutes for an LLM
             metrics = {}
             self._evaluate(0, metrics)
-            self.eval_cache.put(key, metrics)
+            if key is not None:
+                self.eval_cache.put(key, metrics)
         record.update(metrics)
 
     def _check_divergence(self, history: list[dict[str, Any]]) -> None:
