@@ -118,6 +118,9 @@ def test_export_cli_writes_the_replayed_weights(tmp_path):
     exported, _ = RunDir.load_tensors(target)
     final, _ = _weights(out)
     assert all(torch.equal(exported[n], final[n]) for n in final)
+    hf = CliRunner().invoke(app, ["export", str(out), "--hf", str(tmp_path / "hf")])
+    assert hf.exit_code == 2 and "only language-model runs" in hf.output
+    assert not (tmp_path / "hf").exists()
 
 
 def test_verify_replays_the_ledger_to_the_checkpoint_and_names_a_changed_value(tmp_path):

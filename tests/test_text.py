@@ -476,3 +476,49 @@ def test_text_tasks_default_to_the_tuned_lora_setting(tmp_path):
     assert stored_config(file).lora_layers is None
     assert stored_config(file, rounds=5).rounds == 5
     assert build_config(file).lora_layers == 2  # the same file as a new run's settings
+
+
+@pytest.mark.parametrize("fixture,algorithm", [("tiny_llama", "decomfl"), ("tiny_bert", "hiso")])
+def test_export_hf_writes_a_folder_transformers_loads_that_scores_as_the_run_does(
+    request, news_csv, tmp_path, fixture, algorithm
+):
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+    from fedscalar.config import stored_config
+    from fedscalar.export import rebuild
+
+    out, folder = tmp_path / "r", tmp_path / "hf"
+    cfg = text_config(request.getfixturevalue(fixture), news_csv, algorithm=algorithm)
+    run(cfg.model_copy(update={"lora": True, "rounds": 6, "lr": 0.5, "out": str(out)}))
+    result = CliRunner().invoke(app, ["export", str(out), "--hf", str(folder)])
+    assert result.exit_code == 0, result.output
+    info = json.loads((folder / "fedscalar.json").read_text())
+    assert info["labels"] == ["business", "sports", "tech", "world"] and info["rounds"] == 6
+
+    task = build_task(stored_config(out / "config.toml"))  # the run's model, its weights
+    model = task.build_model(0)
+    weights, _ = rebuild(out)
+    assert any(float(w.abs().max()) > 0 for n, w in weights.items() if "lora_B" in n)
+    ParamSpace(model).load_state_(weights)
+    texts = task.data.test_texts[:5]
+    expected = model(task._tokens(task._encode(texts)))
+    tok = AutoTokenizer.from_pretrained(folder)
+    if info["kind"] == "causal":  # a plain causal LM: the verbalizers' logits at the end
+        lm = AutoModelForCausalLM.from_pretrained(folder)
+        rows = []
+        for text in texts:
+            ids = tok(info["template"].format(text=text), return_tensors="pt").input_ids
+            rows.append(lm(ids).logits[0, -1, info["verbalizer_ids"]])
+        got = torch.stack(rows)
+    else:  # a plain encoder and the head: cosine scores of the mean-pooled text
+        encoder, head = AutoModel.from_pretrained(folder), load_file(folder / "head.safetensors")
+        rows = []
+        for text in texts:
+            pooled = encoder(**tok(text, return_tensors="pt")).last_hidden_state.mean(1)
+            rows.append(F.normalize(pooled, dim=-1) @ head["weight"].T + head["bias"])
+        got = torch.cat(rows)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+    again = CliRunner().invoke(app, ["export", str(out), "--hf", str(folder)])
+    assert again.exit_code == 2 and "already exists" in again.output

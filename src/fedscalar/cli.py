@@ -349,15 +349,25 @@ def export(
     output: Annotated[
         Path, typer.Option("--output", "-o", help="Safetensors file to write.")
     ] = Path("model.safetensors"),
+    hf: Annotated[
+        Path | None,
+        typer.Option(
+            "--hf",
+            help="Instead, write a language-model run's whole model to this new folder in "
+            "Hugging Face format (LoRA merged in, tokenizer, fedscalar.json).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Rebuild the trained weights from the base model and the ledger."""
     from fedscalar.export import export as export_weights
+    from fedscalar.export import export_hf
 
     try:
-        rounds = export_weights(run_dir, output)
+        rounds = export_hf(run_dir, hf) if hf else export_weights(run_dir, output)
     except (ConfigError, LedgerError, FileNotFoundError, ValueError) as e:
         raise _fail(str(e)) from None
-    typer.echo(f"wrote {output} (weights after round {rounds})")
+    typer.echo(f"wrote {hf or output} (weights after round {rounds})")
 
 
 @app.command()

@@ -3,6 +3,8 @@ against what the training process wrote."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,12 +22,19 @@ from fedscalar.tasks import build_task
 from fedscalar.tasks.hf import MissingPackage
 
 
-def _replay(
-    run_dir: str | Path, rounds: int | None, device: str
-) -> tuple[RunDir, Any, ParamSpace, int]:
-    """The run's server with ``rounds`` (default: all) rounds of its ledger applied on
-    ``device``, its ParamSpace and the round reached; FedAvg-like runs (nothing to
-    replay) give a None server and their checkpoint's weights in the space."""
+@dataclass
+class _Replayed:
+    rd: RunDir
+    task: Any
+    server: Any  # None for FedAvg-like runs: their weights come from the checkpoint
+    space: ParamSpace
+    round: int
+
+
+def _replay(run_dir: str | Path, rounds: int | None, device: str) -> _Replayed:
+    """The run's model with ``rounds`` (default: all) rounds of its ledger applied on
+    ``device`` by its server; FedAvg-like runs (nothing to replay) get their checkpoint's
+    weights and no server."""
     rd = RunDir(run_dir)
     if not rd.exists():
         raise ConfigError(f"run: no run folder at {rd.path} (config.toml missing)")
@@ -43,14 +52,14 @@ def _replay(
         if rounds is not None and int(meta["round"]) != rounds:
             raise ConfigError(f"rounds: {cfg.algorithm} can only be exported at its checkpoint")
         space.load_state_(tensors)
-        return rd, None, space, int(meta["round"])
+        return _Replayed(rd, task, None, space, int(meta["round"]))
     if target > len(ledger):
         raise ConfigError(f"rounds: the ledger holds {len(ledger)} rounds, asked for {target}")
     load_base(rd, space, ledger.header)
     server = make_server(cfg.resolved(), space, ledger.updates)
     for update in ledger.updates[:target]:
         server.apply(update)
-    return rd, server, space, target
+    return _Replayed(rd, task, server, space, target)
 
 
 def rebuild(
@@ -62,8 +71,8 @@ def rebuild(
     DeComFL and HiSo weights are replayed on ``device`` from ``base.safetensors`` and
     ``ledger.bin`` alone; FedAvg's are read from its checkpoint (its ledger holds no updates).
     """
-    _, _, space, reached = _replay(run_dir, rounds, device)
-    return {n: t.cpu() for n, t in space.state().items()}, reached
+    done = _replay(run_dir, rounds, device)
+    return {n: t.cpu() for n, t in done.space.state().items()}, done.round
 
 
 @dataclass(frozen=True)
@@ -94,7 +103,8 @@ def verify(run_dir: str | Path, device: str = "cpu") -> Agreement:
     held = rd.checkpoint_round() if rd.exists() else None
     if rd.exists() and held is None:
         raise ConfigError(f"verify: {rd.checkpoint} is missing: nothing to compare against")
-    _, server, _, reached = _replay(run_dir, held, device)
+    done = _replay(run_dir, held, device)
+    server, reached = done.server, done.round
     if server is None:
         cfg = stored_config(rd.config)
         raise ConfigError(
@@ -134,3 +144,64 @@ def export(run_dir: str | Path, output: str | Path) -> int:
         Path(output), weights, {"format": "fedscalar-export", "rounds": str(rounds)}
     )
     return rounds
+
+
+def export_hf(run_dir: str | Path, folder: str | Path) -> int:
+    """Write a language-model run's trained model as a Hugging Face model folder.
+
+    LoRA adapters are merged into the weights (PEFT's ``merge_and_unload``), so
+    ``AutoModelForCausalLM`` (or ``AutoModel`` for an encoder) loads the folder with no
+    fedscalar or PEFT; the tokenizer is saved beside it. ``fedscalar.json`` says how the
+    run classified: a causal LM's prompt template and verbalizer tokens (class scores are
+    their logits at the prompt's last token), or an encoder's labels and its cosine head,
+    kept in ``head.safetensors`` (scores: ``head(normalize(mean of the last hidden
+    states)))``). Returns the round the weights are from; the folder must not exist.
+    """
+    from fedscalar.tasks.text import EncoderClassifier, PromptClassifier
+
+    target = Path(folder)
+    if target.exists():
+        raise ConfigError(f"hf: {target} already exists (give a new folder)")
+    done = _replay(run_dir, None, "cpu")
+    model, task = done.space.model, done.task
+    if isinstance(model, PromptClassifier):
+        backbone = model.lm
+        info = {
+            "kind": "causal",
+            "template": task.template,
+            "verbalizers": task.verbalizers,
+            "verbalizer_ids": task.verbalizer_ids,
+        }
+    elif isinstance(model, EncoderClassifier):
+        backbone = model.encoder
+        info = {
+            "kind": "encoder",
+            "label_texts": task.label_texts,  # the phrases the head started from
+            "pooling": "mean",
+            "normalize": True,
+            "head": "head.safetensors",
+        }
+    else:
+        raise ConfigError(
+            f"hf: only language-model runs export as a Hugging Face folder (task {task.name!r})"
+        )
+    if hasattr(backbone, "merge_and_unload"):  # a PEFT model: fold B A into the weights
+        backbone = backbone.merge_and_unload()
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    backbone.save_pretrained(tmp)
+    task.pre.tokenizer.save_pretrained(tmp)
+    if info["kind"] == "encoder":
+        head = {"weight": model.head.weight, "bias": model.head.bias}
+        RunDir.save_tensors(tmp / "head.safetensors", head, {"format": "fedscalar-head"})
+    info = {
+        "format": "fedscalar-hf",
+        "task": task.name,
+        "labels": list(task.data.label_names),
+        "max_length": task.s.max_length,
+        "rounds": done.round,
+        **info,
+    }
+    (tmp / "fedscalar.json").write_text(json.dumps(info, indent=2) + "\n")
+    tmp.replace(target)
+    return done.round

@@ -202,6 +202,7 @@ class TextTask(Task):
                     f"verbalizers: {len(words)} verbalizers for {self.classes} labels "
                     f"({data.label_names})"
                 )
+            self.template, self.verbalizers = template, list(words)
             self.verbalizer_ids = []
             for w in words:
                 ids = tok.encode(w, add_special_tokens=False)
