@@ -27,7 +27,6 @@ arithmetic and replay do not depend on the weights' values, and a round's time b
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -44,13 +43,12 @@ from fedscalar.directions import (
     rademacher,
     rademacher_rows,
 )
-from fedscalar.export import verify
+from fedscalar.export import bit_pattern, verify
 from fedscalar.rundir import RunDir
 
 
 def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    a, b = a.detach().cpu().contiguous(), b.detach().cpu().contiguous()
-    return a.shape == b.shape and torch.equal(a.view(torch.int32), b.view(torch.int32))
+    return a.shape == b.shape and torch.equal(bit_pattern(a), bit_pattern(b))
 
 
 def directions_agree(device: str) -> list[tuple[str, bool]]:
@@ -126,14 +124,12 @@ def arithmetic_agrees(device: str) -> list[tuple[str, bool]]:
 
 
 def _seconds_per_round(folder: Path) -> float:
-    lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
-    times = [r["round_seconds"] for r in lines if r["round"] >= 2 and "round_seconds" in r]
-    return statistics.median(times)
+    rounds = RunDir(folder).read_metrics()
+    return statistics.median(r["round_seconds"] for r in rounds if r["round"] >= 2)
 
 
 def _first_loss(folder: Path) -> float:
-    lines = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
-    return next(r["train_loss"] for r in lines if r["round"] == 1)
+    return next(r["train_loss"] for r in RunDir(folder).read_metrics() if r["round"] == 1)
 
 
 def _drift(a: Path, b: Path) -> float:
@@ -173,6 +169,9 @@ def random_model(source: str, dest: Path) -> Path:
     """A copy of ``source``'s config and tokenizer with random weights (seed 0)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from fedscalar.tasks import hf
+
+    source = hf.resolve(source)  # a built-in name's folder (only its config is read)
     if not (dest / "config.json").exists():
         torch.manual_seed(0)
         AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(source)).save_pretrained(dest)

@@ -48,6 +48,7 @@ def test_a_comparison_evaluates_round_0_once_per_model(tiny_llama, news_csv, tmp
     firsts = [RunDir(comparison.folder(*k)).read_metrics()[0] for k in comparison.runs]
     logs = [RunDir(comparison.folder(*k)).log.read_text() for k in comparison.runs]
     assert sum("from the cache" in text for text in logs) == 1
+    assert sum("round 0: evaluating the model before training" in text for text in logs) == 1
     # the cached numbers are the ones a run without the cache computes
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

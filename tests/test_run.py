@@ -120,7 +120,9 @@ def test_export_cli_writes_the_replayed_weights(tmp_path):
     assert all(torch.equal(exported[n], final[n]) for n in final)
     hf = CliRunner().invoke(app, ["export", str(out), "--hf", str(tmp_path / "hf")])
     assert hf.exit_code == 2 and "only language-model runs" in hf.output
-    assert not (tmp_path / "hf").exists()
+    both = CliRunner().invoke(app, ["export", str(out), "--hf", str(tmp_path / "hf"), "-o", "m"])
+    assert both.exit_code == 2 and "not both" in both.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors", "r"]  # no temp
 
 
 def test_verify_replays_the_ledger_to_the_checkpoint_and_names_a_changed_value(tmp_path):
@@ -140,7 +142,7 @@ def test_verify_replays_the_ledger_to_the_checkpoint_and_names_a_changed_value(t
     assert " 1 of " in bad.output and name in bad.output
 
 
-@pytest.mark.parametrize("case", ["fedavg", "no checkpoint", "no run"])
+@pytest.mark.parametrize("case", ["fedavg", "no checkpoint", "no run", "bad device"])
 def test_verify_refuses_what_it_cannot_replay_in_one_line(tmp_path, case):
     out = tmp_path / "r"
     if case != "no run":
@@ -148,9 +150,15 @@ def test_verify_refuses_what_it_cannot_replay_in_one_line(tmp_path, case):
         run(RunConfig(algorithm=algorithm, rounds=3, lr=0.1, out=str(out), **SMALL))
     if case == "no checkpoint":
         RunDir(out).checkpoint.unlink()
-    result = CliRunner().invoke(app, ["verify", str(out)])
+    device = "gpu" if case == "bad device" else "cpu"
+    result = CliRunner().invoke(app, ["verify", str(out), "--device", device])
     assert result.exit_code == 2, result.output
-    expected = {"fedavg": "nothing to replay", "no checkpoint": "missing", "no run": "no run"}
+    expected = {
+        "fedavg": "nothing to replay",
+        "no checkpoint": "missing",
+        "no run": "no run",
+        "bad device": "device: unknown device 'gpu'",
+    }
     assert expected[case] in result.output
 
 

@@ -166,7 +166,7 @@ def test_sentiment_data_split_is_fixed():
         ),
         (
             ["--dataset", "{bad}/singletons.csv"],
-            "label_column: no class of 'topic' has 2 rows",
+            "singletons.csv' has the 3 rows it takes to hold one out for testing",
         ),
         (
             ["--dataset", "{bad}/missing_text.csv"],
@@ -309,7 +309,7 @@ def bad_data(tmp_path_factory):
         ["sentence", "topic"],
         [[f"doc {i}", f"{i} {long_text}"] for i in range(50)],
     )
-    _write_csv(  # labels, but none with two rows: nothing to hold out for testing
+    _write_csv(  # labels, but none with three rows: nothing to hold out for testing
         folder / "singletons.csv",
         ["sentence", "topic"],
         [[f"doc {i}", t] for i, t in enumerate(["world", "sports", "world", "tech", "news"])],
@@ -507,15 +507,17 @@ def test_export_hf_writes_a_folder_transformers_loads_that_scores_as_the_run_doe
     if info["kind"] == "causal":  # a plain causal LM: the verbalizers' logits at the end
         lm = AutoModelForCausalLM.from_pretrained(folder)
         rows = []
-        for text in texts:
-            ids = tok(info["template"].format(text=text), return_tensors="pt").input_ids
+        for text in texts:  # the prompt as fedscalar.json says the run built it
+            body = tok(text, add_special_tokens=False).input_ids[: info["text_tokens"]]
+            ids = torch.tensor([info["prefix_ids"] + body + info["suffix_ids"]])
             rows.append(lm(ids).logits[0, -1, info["verbalizer_ids"]])
         got = torch.stack(rows)
     else:  # a plain encoder and the head: cosine scores of the mean-pooled text
         encoder, head = AutoModel.from_pretrained(folder), load_file(folder / "head.safetensors")
         rows = []
         for text in texts:
-            pooled = encoder(**tok(text, return_tensors="pt")).last_hidden_state.mean(1)
+            inputs = tok(text, truncation=True, max_length=info["max_length"], return_tensors="pt")
+            pooled = encoder(**inputs).last_hidden_state.mean(1)
             rows.append(F.normalize(pooled, dim=-1) @ head["weight"].T + head["bias"])
         got = torch.cat(rows)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)

@@ -347,8 +347,11 @@ def _title(comparison) -> str:
 def export(
     run_dir: Annotated[Path, typer.Argument(help="Run folder (the --out of `fedscalar run`).")],
     output: Annotated[
-        Path, typer.Option("--output", "-o", help="Safetensors file to write.")
-    ] = Path("model.safetensors"),
+        Path | None,
+        typer.Option(
+            "--output", "-o", help="Safetensors file to write [default: model.safetensors]."
+        ),
+    ] = None,
     hf: Annotated[
         Path | None,
         typer.Option(
@@ -363,11 +366,14 @@ def export(
     from fedscalar.export import export as export_weights
     from fedscalar.export import export_hf
 
+    if hf and output:
+        raise _fail("export: give --output (the trained weights) or --hf (a whole model), not both")
+    written = hf or output or Path("model.safetensors")
     try:
-        rounds = export_hf(run_dir, hf) if hf else export_weights(run_dir, output)
+        rounds = export_hf(run_dir, hf) if hf else export_weights(run_dir, written)
     except (ConfigError, LedgerError, FileNotFoundError, ValueError) as e:
         raise _fail(str(e)) from None
-    typer.echo(f"wrote {hf or output} (weights after round {rounds})")
+    typer.echo(f"wrote {written} (weights after round {rounds})")
 
 
 @app.command()
@@ -383,16 +389,13 @@ def verify(
         found = verify_run(run_dir, device)
     except (ConfigError, LedgerError, FileNotFoundError, ValueError) as e:
         raise _fail(str(e)) from None
+    where = f"{run_dir}: replayed on {found.device}, round {found.round}"
     if found.identical:
-        typer.echo(
-            f"{run_dir}: replayed on {device}, round {found.round}: all {found.values:,} "
-            "values equal the run's checkpoint bit for bit"
-        )
+        typer.echo(f"{where}: all {found.values:,} values equal the run's checkpoint bit for bit")
         return
     typer.echo(
-        f"{run_dir}: replayed on {device}, round {found.round}: {found.differing:,} of "
-        f"{found.values:,} values differ from the run's checkpoint (largest "
-        f"{found.largest:.3g}, in {found.worst})"
+        f"{where}: {found.differing:,} of {found.values:,} values differ from the run's "
+        f"checkpoint (largest {found.largest:.3g}, in {found.worst})"
     )
     raise typer.Exit(1)
 

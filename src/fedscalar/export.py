@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,9 +81,10 @@ class Agreement:
     """How a replay compares with the weights a training process wrote (`verify`)."""
 
     round: int
+    device: str  # where the ledger was replayed
     values: int
     differing: int
-    largest: float
+    largest: float  # inf where one side holds a NaN
     worst: str | None  # the tensor holding the largest difference
 
     @property
@@ -90,31 +92,41 @@ class Agreement:
         return self.differing == 0
 
 
-def _bits(t: torch.Tensor) -> torch.Tensor:
+def bit_pattern(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s bits as integers of its width (on the CPU): equal patterns, equal bits."""
     ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
     return t.detach().cpu().contiguous().view(ints[t.element_size()])
+
+
+def _device(name: str) -> str:
+    try:
+        return str(resolve_device(name))
+    except RuntimeError:  # torch's own message for a name it does not know
+        raise ConfigError(f"device: unknown device {name!r} (cpu, cuda or auto)") from None
 
 
 def verify(run_dir: str | Path, device: str = "cpu") -> Agreement:
     """Replay the run's ledger on ``device`` to its checkpoint's round and compare the
     result (the weights, and HiSo's H) with the checkpoint the training process wrote,
-    bit for bit: what any party holding the ledger derives, against what the run holds."""
+    bit for bit: what any party holding the ledger derives, against what the run holds.
+    The checkpoint is read once, first, so a run still training can be verified."""
     rd = RunDir(run_dir)
-    held = rd.checkpoint_round() if rd.exists() else None
-    if rd.exists() and held is None:
-        raise ConfigError(f"verify: {rd.checkpoint} is missing: nothing to compare against")
-    done = _replay(run_dir, held, device)
-    server, reached = done.server, done.round
-    if server is None:
-        cfg = stored_config(rd.config)
+    if not rd.exists():
+        raise ConfigError(f"run: no run folder at {rd.path} (config.toml missing)")
+    cfg = stored_config(rd.config)
+    if not cfg.spec.replayable:
         raise ConfigError(
             f"verify: {cfg.algorithm} keeps its weights only in its checkpoint (its ledger "
             "holds no updates): there is nothing to replay"
         )
-    written, _ = RunDir.load_tensors(rd.checkpoint)
+    device = _device(device)
+    if not rd.checkpoint.exists():
+        raise ConfigError(f"verify: {rd.checkpoint} is missing: nothing to compare against")
+    written, meta = RunDir.load_tensors(rd.checkpoint)
+    done = _replay(run_dir, int(meta["round"]), device)
     values = differing = 0
     largest, worst = 0.0, None
-    for name, mine in server.state_tensors().items():
+    for name, mine in done.server.state_tensors().items():
         if name not in written:
             raise ConfigError(f"verify: {rd.checkpoint} lacks {name}")
         theirs = written[name]
@@ -124,13 +136,14 @@ def verify(run_dir: str | Path, device: str = "cpu") -> Agreement:
                 f"{rd.checkpoint}, {mine.dtype} {tuple(mine.shape)} replayed"
             )
         values += mine.numel()
-        off = _bits(mine) != _bits(theirs)
+        off = bit_pattern(mine) != bit_pattern(theirs)
         if bool(off.any()):
             differing += int(off.sum())
-            gap = float((mine.detach().cpu().double() - theirs.double()).abs().max())
-            if worst is None or gap > largest:
-                largest, worst = gap, name
-    return Agreement(reached, values, differing, largest, worst)
+            gap = (mine.detach().cpu().double() - theirs.double()).abs()
+            top = float(gap.nan_to_num(nan=float("inf")).max())  # a NaN on one side: inf
+            if worst is None or top > largest:
+                largest, worst = top, name
+    return Agreement(done.round, device, values, differing, largest, worst)
 
 
 def export(run_dir: str | Path, output: str | Path) -> int:
@@ -152,7 +165,8 @@ def export_hf(run_dir: str | Path, folder: str | Path) -> int:
     LoRA adapters are merged into the weights (PEFT's ``merge_and_unload``), so
     ``AutoModelForCausalLM`` (or ``AutoModel`` for an encoder) loads the folder with no
     fedscalar or PEFT; the tokenizer is saved beside it. ``fedscalar.json`` says how the
-    run classified: a causal LM's prompt template and verbalizer tokens (class scores are
+    run classified: a causal LM's prompt (``prefix_ids``, the text's first ``text_tokens``
+    tokens without special tokens, ``suffix_ids``) and verbalizer tokens (class scores are
     their logits at the prompt's last token), or an encoder's labels and its cosine head,
     kept in ``head.safetensors`` (scores: ``head(normalize(mean of the last hidden
     states)))``). Returns the round the weights are from; the folder must not exist.
@@ -166,9 +180,13 @@ def export_hf(run_dir: str | Path, folder: str | Path) -> int:
     model, task = done.space.model, done.task
     if isinstance(model, PromptClassifier):
         backbone = model.lm
-        info = {
+        info = {  # a prompt's ids: prefix_ids + the text's first text_tokens + suffix_ids
             "kind": "causal",
             "template": task.template,
+            "prefix_ids": task.prefix_ids,
+            "suffix_ids": task.suffix_ids,
+            "text_tokens": task.s.max_length - len(task.prefix_ids) - len(task.suffix_ids),
+            "add_special_tokens": False,
             "verbalizers": task.verbalizers,
             "verbalizer_ids": task.verbalizer_ids,
         }
@@ -187,21 +205,24 @@ def export_hf(run_dir: str | Path, folder: str | Path) -> int:
         )
     if hasattr(backbone, "merge_and_unload"):  # a PEFT model: fold B A into the weights
         backbone = backbone.merge_and_unload()
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    backbone.save_pretrained(tmp)
-    task.pre.tokenizer.save_pretrained(tmp)
-    if info["kind"] == "encoder":
-        head = {"weight": model.head.weight, "bias": model.head.bias}
-        RunDir.save_tensors(tmp / "head.safetensors", head, {"format": "fedscalar-head"})
-    info = {
-        "format": "fedscalar-hf",
-        "task": task.name,
-        "labels": list(task.data.label_names),
-        "max_length": task.s.max_length,
-        "rounds": done.round,
-        **info,
-    }
-    (tmp / "fedscalar.json").write_text(json.dumps(info, indent=2) + "\n")
-    tmp.replace(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        backbone.save_pretrained(tmp)
+        task.pre.tokenizer.save_pretrained(tmp)
+        if info["kind"] == "encoder":
+            head = {"weight": model.head.weight, "bias": model.head.bias}
+            RunDir.save_tensors(tmp / "head.safetensors", head, {"format": "fedscalar-head"})
+        info = {
+            "format": "fedscalar-hf",
+            "task": task.name,
+            "labels": list(task.data.label_names),
+            "max_length": task.s.max_length,
+            "rounds": done.round,
+            **info,
+        }
+        (tmp / "fedscalar.json").write_text(json.dumps(info, indent=2) + "\n")
+        tmp.replace(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already unless the export failed
     return done.round

@@ -210,9 +210,9 @@ class TextTask(Task):
                     raise ValueError(f"verbalizers: {w!r} is {len(ids)} tokens, not one")
                 self.verbalizer_ids.append(ids[0])
             prefix, suffix = template.split("{text}")
-            self._prefix = tok.encode(prefix, add_special_tokens=False) if prefix else []
-            self._suffix = tok.encode(suffix, add_special_tokens=False) if suffix else []
-            if len(self._prefix) + len(self._suffix) >= settings.max_length:
+            self.prefix_ids = tok.encode(prefix, add_special_tokens=False) if prefix else []
+            self.suffix_ids = tok.encode(suffix, add_special_tokens=False) if suffix else []
+            if len(self.prefix_ids) + len(self.suffix_ids) >= settings.max_length:
                 raise ValueError(f"max_length: {settings.max_length} leaves no room for text")
         self._dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[settings.dtype]
         self.packed = settings.pack_tokens > 0  # confirmed for the model by build_model
@@ -226,9 +226,9 @@ class TextTask(Task):
     def _encode(self, texts: list[str]) -> list[list[int]]:
         tok = self.pre.tokenizer
         if self.pre.kind == "causal":
-            budget = self.s.max_length - len(self._prefix) - len(self._suffix)
+            budget = self.s.max_length - len(self.prefix_ids) - len(self.suffix_ids)
             bodies = tok(texts, add_special_tokens=False)["input_ids"]
-            return [self._prefix + b[:budget] + self._suffix for b in bodies]
+            return [self.prefix_ids + b[:budget] + self.suffix_ids for b in bodies]
         return tok(texts, truncation=True, max_length=self.s.max_length)["input_ids"]
 
     def _tokens(self, seqs: list[list[int]]) -> Tokens:

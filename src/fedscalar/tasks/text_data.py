@@ -76,8 +76,8 @@ def load_dataset_columns(dataset: str, text_column: str, label_column: str) -> T
     Raises ValueError, with a message starting with the option at fault, for an empty
     file, no rows, missing or empty texts, missing labels, a label column that looks like
     text (more than `LABEL_VALUES_LIMIT` distinct values and more than half the rows, or
-    a different value in every row), fewer than 2 classes, no class with 2 rows to split
-    off a test set, or held-out labels that never occur in training.
+    a different value in every row), fewer than 2 classes, no class with the 3 rows it
+    takes to give one to the test set, or held-out labels that never occur in training.
     """
     import datasets
 
@@ -135,8 +135,9 @@ def load_dataset_columns(dataset: str, text_column: str, label_column: str) -> T
         train_part, test_part = stratified_split(train_labels, 0.2, SPLIT_SEED)
         if len(test_part) == 0:
             raise ValueError(
-                f"label_column: no class of {label_column!r} has 2 rows in {dataset!r}, so "
-                "no test rows can be held out of it; give more rows per class or a test split"
+                f"label_column: no class of {label_column!r} in {dataset!r} has the 3 rows it "
+                "takes to hold one out for testing (a fifth of a class's rows, rounded); give "
+                "more rows per class or a test split"
             )
         return TextData(
             [train_texts[i] for i in train_part],
@@ -174,7 +175,7 @@ FILE_TYPES = {
 def _load_dataset(dataset: str):
     import datasets
 
-    path = Path(dataset)
+    path = Path(dataset).expanduser()  # "~/data.csv" from a config file, say
     if path.is_file():
         kind = FILE_TYPES.get(path.suffix.lower())
         if kind is None:
@@ -192,7 +193,7 @@ def _load_dataset(dataset: str):
         if path.is_file():
             tabs = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
             return datasets.load_dataset(kind, data_files=str(path), **tabs)
-        return datasets.load_dataset(dataset)
+        return datasets.load_dataset(str(path) if path.exists() else dataset)
     except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
         raise ValueError(f"dataset: cannot load {dataset!r}: {_first_line(e)}") from None
     except ConnectionError:  # a hub name with no network
