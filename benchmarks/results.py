@@ -53,6 +53,7 @@ SECTIONS = (
     "privacy",
     "sentiment-minilm",
     "sentiment-minilm-full",
+    "sentiment-minilm-lora-all",
     "sentiment-smollm2",
     "sentiment-smollm2-full",
     "sentiment",
