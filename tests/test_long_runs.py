@@ -1,6 +1,7 @@
 """Long comparisons survive being killed and restarted many times, and their report
 says how many rounds and hours each figure took."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -8,6 +9,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from fedscalar import compare as cmp
 from fedscalar.report import write_report
@@ -153,6 +155,31 @@ def test_an_orphaned_run_stops_after_the_round_even_if_its_interrupt_was_swallow
     rd = RunDir(tmp_path / "r")
     assert rd.read_summary()["status"] == "interrupted"
     assert [m["round"] for m in rd.read_metrics()] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_whose_exception_was_swallowed_still_stops_the_run_after_its_round(
+    tmp_path, sig, code
+):
+    """Ctrl-C or SIGTERM whose exception Python dropped (it landed in a finaliser): the
+    run still stops after that round, cleanly and resumable."""
+    from fedscalar.api import run
+    from fedscalar.config import RunConfig
+    from fedscalar.runner import RunFailed
+
+    def on_round(record):
+        if record["round"] == 3:
+            with contextlib.suppress(BaseException):  # what a finaliser does with it
+                signal.getsignal(sig)(sig, None)  # the handler the run installed
+
+    cfg = RunConfig(task="digits", rounds=50, eval_every=10, out=str(tmp_path / "r"))
+    with pytest.raises(RunFailed) as e:
+        run(cfg, on_round=on_round)
+    assert e.value.code == code
+    rd = RunDir(tmp_path / "r")
+    assert rd.read_summary()["status"] == "interrupted"
+    assert [m["round"] for m in rd.read_metrics()] == [0, 1, 2, 3]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
 
 def test_a_training_process_whose_comparison_died_before_it_started_trains_nothing(tmp_path):

@@ -83,8 +83,26 @@ class Terminated(Exception):
     """SIGTERM arrived: stop like Ctrl-C (exit status 143)."""
 
 
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise Terminated()
+_CAUGHT: dict[str, str | None] = {"signal": None}
+"""The stop signal that arrived while training, as the handlers recorded it."""
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    if signum == signal.SIGTERM:
+        _CAUGHT["signal"] = "SIGTERM"
+        raise Terminated()
+    _CAUGHT["signal"] = "SIGINT"
+    raise KeyboardInterrupt
+
+
+def _raise_if_signalled() -> None:
+    """Raise the exception of a stop signal whose own one was swallowed (Python drops an
+    exception raised while a finaliser runs), so the run still stops, after its round."""
+    caught = _CAUGHT["signal"]
+    if caught == "SIGTERM":
+        raise Terminated()
+    if caught == "SIGINT":
+        raise KeyboardInterrupt
 
 
 class ShortRound(RuntimeError):
@@ -132,23 +150,31 @@ def execute(
 ) -> RunResult:
     """Run the resolved ``cfg`` in its folder ``cfg.out`` with the given runtime."""
     rd = RunDir(cfg.out or default_out(cfg))
-    with rd.writing(), _sigterm_stops():
+    with rd.writing(), _signals_stop():
         if not resume and rd.exists():
             raise ConfigError(f"out: {rd.path} already holds a run; use --resume or another --out")
         return _execute_locked(cfg, rd, resume, progress, runtime, from_round, on_round, eval_cache)
 
 
 @contextmanager
-def _sigterm_stops() -> Iterator[None]:
-    """While training, SIGTERM stops the run as Ctrl-C does (main thread only)."""
+def _signals_stop() -> Iterator[None]:
+    """While training, SIGINT (Ctrl-C) and SIGTERM stop the run (main thread only; a
+    SIGINT the process ignores stays ignored). The handlers also record the signal, which
+    the loop checks after every round (`_raise_if_signalled`)."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    _CAUGHT["signal"] = None
+    stops = [signal.SIGTERM]
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        stops.append(signal.SIGINT)
+    previous = {s: signal.signal(s, _on_signal) for s in stops}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        _CAUGHT["signal"] = None
 
 
 def _execute_locked(
@@ -562,6 +588,7 @@ class _Run:
                     for observe in (bar, self.on_round):
                         if observe is not None:
                             observe(dict(record))
+                    _raise_if_signalled()
                     if "test_loss" in record:
                         self._check_divergence(history)
         except Diverged as e:
