@@ -219,7 +219,13 @@ def _start(out: Path, args: list[str], resume: bool) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "fedscalar", "run", "--out", str(out), "--quiet"]
     cmd += ["--resume"] if resume else args
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen(  # as from a terminal, even where the suite's SIGINT is ignored
+        cmd,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def _wait_for_rounds(out: Path, rounds: int, proc: subprocess.Popen, limit: float = 60) -> None:

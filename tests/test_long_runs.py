@@ -173,13 +173,17 @@ def test_a_signal_whose_exception_was_swallowed_still_stops_the_run_after_its_ro
                 signal.getsignal(sig)(sig, None)  # the handler the run installed
 
     cfg = RunConfig(task="digits", rounds=50, eval_every=10, out=str(tmp_path / "r"))
-    with pytest.raises(RunFailed) as e:
-        run(cfg, on_round=on_round)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a terminal
+    try:
+        with pytest.raises(RunFailed) as e:
+            run(cfg, on_round=on_round)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert e.value.code == code
     rd = RunDir(tmp_path / "r")
     assert rd.read_summary()["status"] == "interrupted"
     assert [m["round"] for m in rd.read_metrics()] == [0, 1, 2, 3]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
 
 def test_a_training_process_whose_comparison_died_before_it_started_trains_nothing(tmp_path):
