@@ -86,14 +86,14 @@ def _finished(rows) -> list:
 
 
 def _training(rows, comparison) -> str:
-    """A line naming the runs still training that the table leaves out."""
+    """A line naming the unfinished runs (training, or stopped to resume) the table leaves out."""
     left = [
         f"{r.algorithm} seed {sd} (round {n} of {comparison.runs[r.algorithm, sd].rounds})"
         for r in rows
         if not r.finished
         for sd, n in zip(r.seeds, r.rounds, strict=True)
     ]
-    return f"Still training, not in the table: {', '.join(left)}.\n\n" if left else ""
+    return f"Not finished yet, not in the table: {', '.join(left)}.\n\n" if left else ""
 
 
 def _facts(rows) -> str:
