@@ -98,13 +98,6 @@ def bit_pattern(t: torch.Tensor) -> torch.Tensor:
     return t.detach().cpu().contiguous().view(ints[t.element_size()])
 
 
-def _device(name: str) -> str:
-    try:
-        return str(resolve_device(name))
-    except RuntimeError:  # torch's own message for a name it does not know
-        raise ConfigError(f"device: unknown device {name!r} (cpu, cuda or auto)") from None
-
-
 def verify(run_dir: str | Path, device: str = "cpu") -> Agreement:
     """Replay the run's ledger on ``device`` to its checkpoint's round and compare the
     result (the weights, and HiSo's H) with the checkpoint the training process wrote,
@@ -119,7 +112,7 @@ def verify(run_dir: str | Path, device: str = "cpu") -> Agreement:
             f"verify: {cfg.algorithm} keeps its weights only in its checkpoint (its ledger "
             "holds no updates): there is nothing to replay"
         )
-    device = _device(device)
+    device = str(resolve_device(device))  # a bad name fails before the model loads
     if not rd.checkpoint.exists():
         raise ConfigError(f"verify: {rd.checkpoint} is missing: nothing to compare against")
     written, meta = RunDir.load_tensors(rd.checkpoint)

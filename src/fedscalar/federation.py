@@ -21,7 +21,10 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: cuda requested but torch sees no CUDA device")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:  # torch's own message for a name it does not know
+        raise ConfigError(f"device: unknown device {name!r} (cpu, cuda or auto)") from None
 
 
 def batch_size(cfg: RunConfig) -> int:
